@@ -1,0 +1,116 @@
+"""Shared building blocks: PyTorch-equivalent initialisers, LayerNorm, patchify, MSSA attention core.
+
+Everything here is a small pure function or a thin Linen module so that CRATE, CRATE-alpha,
+CRATE-MAE and the ViT baseline can share the maths they have in common.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's nn.LayerNorm default; Flax's is 1e-6 (a parity trap).
+TORCH_LN_EPS = 1e-5
+
+
+def uniform_init(bound: float):
+  """U(-bound, bound) initialiser."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_linear_init(fan_in: int):
+  """nn.Linear's default (kaiming-uniform, a=sqrt(5)) for weight and bias: U(-1/sqrt(fan_in), +)."""
+  return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+def kaiming_uniform_init(fan_in: int):
+  """nn.init.kaiming_uniform_ defaults (gain sqrt(2)): U(-sqrt(6/fan_in), +)."""
+  return uniform_init(math.sqrt(6.0 / fan_in))
+
+
+def layer_norm(name: str, dtype: Dtype, eps: float = TORCH_LN_EPS) -> nn.LayerNorm:
+  """LayerNorm with PyTorch numerics (eps 1e-5, two-pass variance); params stay fp32."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H/P * W/P, P*P*C), patches row-major, within a patch (row, col, channel).
+
+  This is the official `b c (h p1) (w p2) -> b (h w) (p1 p2 c)` ordering, written for NHWC.
+  """
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int], channels: int) -> jax.Array:
+  """Inverse of `patchify`: (B, gh*gw, P*P*C) -> (B, gh*P, gw*P, C)."""
+  b = patches.shape[0]
+  gh, gw = grid
+  p = patch_size
+  x = patches.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+def check_images(images: jax.Array, patch_size: int, channels: int) -> tuple[int, int]:
+  """Validate an NHWC batch and return the patch grid, raising one clear ValueError otherwise."""
+  if images.ndim != 4:
+    raise ValueError(f"images must be (batch, height, width, channels), got shape {images.shape}")
+  _, h, w, c = images.shape
+  if c != channels:
+    raise ValueError(f"images have {c} channels but the model expects channels={channels} "
+                     "(images must be NHWC)")
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image size {h}x{w} is not divisible by patch_size={patch_size}")
+  return h // patch_size, w // patch_size
+
+
+def subspace_attention(w: jax.Array, *, return_weights: bool = False,
+                       implementation: str | None = None):
+  """Tied-qkv attention per head: softmax(w_k w_k^T * p^-1/2) w_k for w of shape (B, N, heads, p).
+
+  The softmax is taken in fp32 whatever the compute dtype. With return_weights=False the fused
+  `jax.nn.dot_product_attention` is used (`implementation` as in that function, e.g. "cudnn").
+  """
+  scale = w.shape[-1] ** -0.5
+  if not return_weights and implementation is not None:
+    out = jax.nn.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
+    return out, None
+  logits = jnp.einsum("bqhd,bkhd->bhqk", w, w, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(w.dtype), w)
+  return out, (weights if return_weights else None)
+
+
+def heads_kernel(module: nn.Module, name: str, shape: Sequence[int], fan_in: int, init=None):
+  """A parameter kept fp32 with PyTorch-Linear default init unless `init` is given."""
+  return module.param(name, init or torch_linear_init(fan_in), tuple(shape), jnp.float32)
+
+
+def maybe_remat(cls, remat: bool):
+  """Wrap a block class in nn.remat (activation rematerialisation) when asked."""
+  return nn.remat(cls) if remat else cls
+
+
+def cast(dtype: Dtype, *xs):
+  return tuple(jnp.asarray(x, dtype) for x in xs)
+
+
+@functools.lru_cache(maxsize=None)
+def num_patches(image_size: int, patch_size: int) -> int:
+  if image_size % patch_size:
+    raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+  return (image_size // patch_size) ** 2

@@ -1,0 +1,39 @@
+"""Resize a learned positional embedding to another patch grid (bicubic, class-token row kept)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def resize_pos_embedding(pos: jax.Array, new_grid: tuple[int, int] | int,
+                         num_prefix_tokens: int = 1) -> jax.Array:
+  """(1, prefix + gh*gw, d) -> (1, prefix + nh*nw, d); prefix rows (the cls token) are unchanged.
+
+  The old grid is taken to be square. Patch rows are resized bicubically over the 2-D grid.
+  """
+  if isinstance(new_grid, int):
+    new_grid = (new_grid, new_grid)
+  pos = jnp.asarray(pos)
+  prefix, grid_tokens = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
+  n = grid_tokens.shape[1]
+  side = int(round(math.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f"positional embedding has {n} patch rows, not a square grid")
+  if (side, side) == tuple(new_grid):
+    return pos
+  d = pos.shape[-1]
+  grid = grid_tokens.reshape(side, side, d).astype(jnp.float32)
+  resized = jax.image.resize(grid, (*new_grid, d), method="bicubic", antialias=False)
+  resized = resized.reshape(1, new_grid[0] * new_grid[1], d).astype(pos.dtype)
+  return jnp.concatenate([prefix, resized], axis=1)
+
+
+def resize_params_pos_embedding(params, image_size: int, patch_size: int):
+  """Return a copy of a model's params with `pos_embedding` resized for image_size/patch_size."""
+  params = jax.tree_util.tree_map(lambda x: x, dict(params))
+  g = image_size // patch_size
+  params["pos_embedding"] = resize_pos_embedding(np.asarray(params["pos_embedding"]), (g, g))
+  return params

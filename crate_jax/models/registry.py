@@ -1,0 +1,41 @@
+"""Model registry: named variants (`get("crate_base")`) over a few model classes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {}
+
+
+def register(name: str, cls: Callable[..., nn.Module], **defaults) -> None:
+  """Register `name` as `cls(**defaults)`; later `get(name, **overrides)` builds it."""
+  _REGISTRY[name] = (cls, dict(defaults))
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def variant_kwargs(name: str) -> dict[str, Any]:
+  """The default constructor arguments of a registered variant."""
+  _check(name)
+  return dict(_REGISTRY[name][1])
+
+
+def get(name: str, **overrides) -> nn.Module:
+  """Build a registered model; unknown names and unknown arguments raise one clear ValueError."""
+  _check(name)
+  cls, defaults = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"model {name!r} ({cls.__name__}) has no argument(s) {unknown}; "
+                     f"valid: {sorted(fields)}")
+  return cls(**{**defaults, **overrides})
+
+
+def _check(name: str) -> None:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")

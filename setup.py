@@ -1,0 +1,27 @@
+"""crate_jax: CRATE, the white-box transformer, in JAX/Flax."""
+import pathlib
+
+from setuptools import find_packages, setup
+
+here = pathlib.Path(__file__).parent
+requirements = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+# torch==2.13.0 is the CPU build on Python 3.11; the GPU images already ship their own torch.
+TORCH = ["torch==2.13.0"]
+
+setup(
+    name="crate_jax",
+    version="0.1.0",
+    description="CRATE (Coding RAte reduction TransformEr) in JAX/Flax: train, fine-tune, inspect.",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["crate_jax", "crate_jax.*"]),
+    install_requires=requirements,
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,160 @@
+"""The CRATE model: exact parity with the official PyTorch architecture, counts, shapes, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import CRATE, models
+from crate_jax import torch_keys
+
+torch = pytest.importorskip("torch")
+from tests.torch_reference import CRATE as TorchCRATE  # noqa: E402
+
+SMALL = dict(image_size=32, patch_size=8, num_classes=7, dim=48, depth=3, heads=4, dim_head=16)
+TINY_T = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6,
+              dim_head=64)
+
+
+def _pair(cfg, seed=0, pool="cls"):
+  torch.manual_seed(seed)
+  ref = TorchCRATE(**cfg, pool=pool).eval()
+  # Perturb LayerNorms and biases too, so every tensor matters to the comparison.
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if "norm" in name or name.endswith("bias") or name.startswith("mlp_head.0"):
+        p.add_(0.1 * torch.randn_like(p))
+  flax_model = CRATE(**cfg, pool=pool)
+  expected = jax.eval_shape(flax_model.init, jax.random.key(0),
+                            jnp.zeros((1, cfg["image_size"], cfg["image_size"], 3)))["params"]
+  params = torch_keys.torch_to_flax(ref.state_dict(), expected, depth=cfg["depth"],
+                                    heads=cfg["heads"], dim_head=cfg["dim_head"])
+  return ref, flax_model, params
+
+
+def _images(cfg, b=2, seed=1):
+  return np.random.default_rng(seed).normal(size=(b, 3, cfg["image_size"], cfg["image_size"])
+                                            ).astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg,pool", [(SMALL, "cls"), (SMALL, "mean"), (TINY_T, "cls")],
+                         ids=["small-cls", "small-mean", "crate_tiny"])
+def test_parity_with_official_architecture(cfg, pool):
+  ref, model, params = _pair(cfg, pool=pool)
+  x = _images(cfg)
+  collected = []
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x), collected).numpy()
+  with jax.default_matmul_precision("highest"):
+    logits, out = model.apply({"params": params}, x.transpose(0, 2, 3, 1),
+                              return_intermediates=True)
+  np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
+  for i, layer_out in enumerate(collected):  # every layer's output Z^{l+1}
+    np.testing.assert_allclose(np.asarray(out["codes"][i]), layer_out.numpy(), atol=1e-5,
+                               rtol=1e-5, err_msg=f"layer {i}")
+  last_attn = ref.transformer.layers[-1][0].fn.attn.numpy()
+  np.testing.assert_allclose(np.asarray(out["attention"][-1]), last_attn, atol=1e-6)
+
+
+def test_round_trip_of_key_map():
+  ref, _, params = _pair(SMALL)
+  back = torch_keys.flax_to_torch(params, depth=3, heads=4, dim_head=16)
+  sd = ref.state_dict()
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+
+
+@pytest.mark.parametrize("name,count", [("crate_tiny", 6_090_856), ("crate_small", 13_116_328),
+                                        ("crate_base", 22_796_008), ("crate_large", 77_641_192)])
+def test_param_counts(name, count):
+  model = models.get(name)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == count
+
+
+def test_torch_reference_param_counts_agree():
+  ref = TorchCRATE(**TINY_T)
+  assert sum(p.numel() for p in ref.parameters()) == 6_090_856
+
+
+def test_shapes_nonnegativity_and_init_statistics():
+  model = CRATE(**SMALL)
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits, out = model.apply(variables, x, return_intermediates=True)
+  n = (32 // 8) ** 2 + 1
+  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  assert out["features"].shape == (3, 3, n, 4, 16)
+  assert out["attention"].shape == (3, 3, 4, n, n)
+  assert out["codes"].shape == out["mssa"].shape == (3, 3, n, 48)
+  assert out["tokens"].shape == (3, n, 48) and out["pre_logits"].shape == (3, 48)
+  # No residual around ISTA: every layer output is a ReLU, hence >= 0, and some entries are 0.
+  assert float(out["codes"].min()) >= 0.0
+  assert float((out["codes"] == 0).mean()) > 0.0
+  np.testing.assert_allclose(np.asarray(out["attention"].sum(-1)), 1.0, atol=1e-5)
+  p = variables["params"]
+  # torch.randn init for cls/pos, kaiming-uniform D bound sqrt(6/d).
+  assert 0.8 < float(jnp.std(p["pos_embedding"])) < 1.2
+  assert float(jnp.abs(p["layer_0"]["ista"]["D"]).max()) <= np.sqrt(6 / 48)
+
+
+def test_bf16_compute_keeps_fp32_params():
+  model = CRATE(**SMALL, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  logits, out = model.apply(variables, x, return_intermediates=True)
+  assert logits.dtype == jnp.float32 and out["codes"].dtype == jnp.bfloat16
+  ref = CRATE(**SMALL).apply(variables, x)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.15)
+
+
+def test_remat_gives_same_gradients():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = CRATE(**SMALL).init(jax.random.key(0), x)
+
+  def grads(remat):
+    loss = lambda p: CRATE(**SMALL, remat=remat).apply(p, x).sum()
+    return jax.grad(loss)(variables)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads(False), grads(True))
+
+
+def test_fused_attention_path_matches_einsum():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = CRATE(**SMALL).init(jax.random.key(0), x)
+  with jax.default_matmul_precision("highest"):
+    a = CRATE(**SMALL).apply(variables, x)
+    b = CRATE(**SMALL, attention_impl="xla").apply(variables, x)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,msg", [((1, 30, 32, 3), "not divisible by patch_size=8"),
+                                       ((1, 32, 32, 1), "1 channels"),
+                                       ((1, 64, 64, 3), "image_size=32"),
+                                       ((32, 32, 3), "batch, height, width, channels")])
+def test_bad_inputs_raise_clear_errors(shape, msg):
+  model = CRATE(**SMALL)
+  with pytest.raises(ValueError, match=msg):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+def test_unknown_variant_and_argument():
+  with pytest.raises(ValueError, match="unknown model 'crate_huge'.*crate_base"):
+    models.get("crate_huge")
+  with pytest.raises(ValueError, match="no argument.*'depht'"):
+    models.get("crate_tiny", depht=3)
+
+
+def test_converter_rejects_mismatched_state_dicts():
+  ref, model, _ = _pair(SMALL)
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  sd = {"module." + k: v for k, v in ref.state_dict().items()}
+  torch_keys.torch_to_flax(sd, expected, depth=3, heads=4, dim_head=16)  # prefix accepted
+  bad = dict(sd)
+  del bad["module.transformer.layers.1.1.fn.weight"]
+  with pytest.raises(ValueError, match=r"missing keys \['transformer.layers.1.1.fn.weight'\]"):
+    torch_keys.torch_to_flax(bad, expected, depth=3, heads=4, dim_head=16)
+  bad = dict(sd, **{"module.transformer.layers.0.1.fn.weight": torch.zeros(48, 40)})
+  with pytest.raises(ValueError, match=r"'transformer.layers.0.1.fn.weight' has shape \(48, 40\)"):
+    torch_keys.torch_to_flax(bad, expected, depth=3, heads=4, dim_head=16)
