@@ -1,0 +1,78 @@
+"""The one config base every config in configs/ derives from (ml_collections.ConfigDict).
+
+configs/crate_base.py etc. call `base_config()` and override fields; `validate(config)` checks the
+result before anything is compiled, with one clear error naming the offending key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults = the official ImageNet-1K recipe for CRATE (Lion, lr 2e-4, wd 0.05, batch 512)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Model: a registry name plus constructor overrides (see crate_jax.models.get).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "crate_base"
+  c.model.kwargs = ml_collections.ConfigDict({"image_size": 224, "patch_size": 16,
+                                              "num_classes": 1000})
+  c.compute_dtype = "bfloat16"   # params and optimizer state stay float32
+  c.remat = False
+
+  # Data (crate_jax.data): a tfds dataset read with tf.data.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "imagenet2012"
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 224
+  c.data.num_classes = 1000
+  c.data.train_augment = "inception_crop"  # or "resize" (no crop) for tiny images
+  c.data.crop_min_area = 0.08
+  c.data.flip = True
+  c.data.randaugment_layers = 0   # RandAugment(N, M); 0 = off (the ImageNet recipe has none)
+  c.data.randaugment_magnitude = 14
+  c.data.mixup_alpha = 0.0        # 0 = off
+  c.data.cutmix_alpha = 0.0       # 0 = off
+  c.data.eval_resize = 256        # resize shorter side, then center-crop image_size
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.data.shuffle_buffer = 50_000
+  c.data.cache = False            # cache decoded examples in RAM: small datasets only
+  c.data.prefetch = 2             # batches prefetched to device
+
+  # Optimisation. Per-step warm-up + cosine (the official code steps its schedule per epoch).
+  c.batch_size = 512              # global, over all processes and devices
+  c.eval_batch_size = 512
+  c.num_epochs = 200
+  c.num_train_steps = -1          # > 0 overrides num_epochs
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "lion"       # "lion" | "adamw"
+  c.optimizer.lr = 2e-4           # peak learning rate for the global batch_size
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.decay_mask = "all"  # "all" (official) | "kernels" (matrices only)
+  c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  c.optimizer.warmup_epochs = 20.0
+  c.optimizer.final_lr_fraction = 0.0
+  c.label_smoothing = 0.1
+  c.grad_accum_steps = 1
+
+  # Loop.
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000       # also at the end
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.init_from = ""                # a checkpoint to warm-start params from (not a resume)
+  c.init_head = True              # with init_from: re-initialise the classifier head
+  c.whitebox_every_steps = 0      # > 0: log per-layer coding rate and sparsity
+  c.profile_steps = 0             # > 0: clu profile this many steps on process 0
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  return c
