@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults = the official ImageNet-1K recipe for CRATE (Lion, lr 2e-4, wd 0.05, batch 512)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "classification"       # or "mae" (models that return {"loss": ...})
 
   # Model: a registry name plus constructor overrides (see crate_jax.models.get).
   c.model = ml_collections.ConfigDict()
@@ -76,3 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0             # > 0: clu profile this many steps on process 0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   return c
+
+
+def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
+  """get_config() of a config file, with dotted-key overrides ({"optimizer.lr": 1e-3})."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("crate_jax_config", path)
+  if spec is None or not path.endswith(".py"):
+    raise ValueError(f"config file {path!r} is not a .py file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"config has no key {key!r}")
+    node[leaf] = value
+  return config

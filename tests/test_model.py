@@ -8,7 +8,7 @@ from crate_jax import CRATE, models
 from crate_jax import torch_keys
 
 torch = pytest.importorskip("torch")
-from tests.torch_reference import CRATE as TorchCRATE  # noqa: E402
+from crate_jax.torch_reference import CRATE as TorchCRATE  # noqa: E402
 
 SMALL = dict(image_size=32, patch_size=8, num_classes=7, dim=48, depth=3, heads=4, dim_head=16)
 TINY_T = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6,

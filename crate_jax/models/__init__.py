@@ -6,7 +6,7 @@
 """
 from crate_jax.models.crate import CRATE, ISTA, MSSA, CRATELayer, PatchEmbed, ista, mssa
 from crate_jax.models.posemb import resize_params_pos_embedding, resize_pos_embedding
-from crate_jax.models.registry import get, names, register, variant_kwargs
+from crate_jax.models.registry import from_config, get, names, register, variant_kwargs
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
 register("crate_tiny", CRATE, dim=384, depth=12, heads=6, dim_head=64)
@@ -17,5 +17,5 @@ register("crate_large", CRATE, dim=1024, depth=24, heads=16, dim_head=64)
 register("crate_base_demo", CRATE, patch_size=8, dim=768, depth=12, heads=6, dim_head=128,
          num_classes=21842)
 
-__all__ = ["CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "get", "ista", "mssa", "names",
+__all__ = ["CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "from_config", "get", "ista", "mssa", "names",
            "register", "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs"]

@@ -39,3 +39,23 @@ def get(name: str, **overrides) -> nn.Module:
 def _check(name: str) -> None:
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")
+
+
+def from_config(config) -> nn.Module:
+  """The model a train config describes: config.model.{name, kwargs}, compute_dtype, remat."""
+  import jax.numpy as jnp  # local: keep this module import-light
+  name = config.model.name
+  _check(name)
+  kwargs = dict(config.model.get("kwargs", {}) or {})
+  fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
+  if "dtype" in fields and config.get("compute_dtype"):
+    if config.compute_dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "
+                       "float32, bfloat16, float16")
+    kwargs.setdefault("dtype", getattr(jnp, config.compute_dtype))
+  if "remat" in fields and config.get("remat"):
+    kwargs.setdefault("remat", True)
+  try:
+    return get(name, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from None

@@ -1,0 +1,152 @@
+"""Orbax checkpoints: one thin wrapper so the rest of the code never touches Orbax directly.
+
+Layout: <workdir>/checkpoints/<step>/{state, meta}. `state` holds the train state pytree (or just
+{"params": ...} for converted/imported weights), `meta` a JSON dict (config, data position, ...).
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the model/config."""
+
+
+class Checkpoints:
+  """Keep the last `keep` checkpoints plus the one with the best eval metric (`best_metric`)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, best_metric: str | None = "top1",
+               async_save: bool = True):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    if best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
+                                         options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restore into `abstract_state` (ShapeDtypeStructs with shardings); mismatches raise."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} does not match this model/config "
+          f"({_first_line(e)}). Use a new --workdir, or warm-start from it with "
+          f"--config.init_from={self.directory / str(step)}") from e
+    return out.state, dict(out.meta)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
+  """Write params alone as a checkpoint our loop, evaluate and analyze can load. Returns its path."""
+  ckpt = Checkpoints(directory, keep=1, best_metric=None, async_save=False)
+  ckpt.save(step, {"params": params}, meta)
+  ckpt.close()
+  return str(ckpt.directory / str(step))
+
+
+def resolve(path: str) -> epath.Path:
+  """A workdir, its checkpoints/ dir or one step dir -> the step dir (latest step if several)."""
+  p = epath.Path(path)
+  if (p / "state").exists():
+    return p
+  for base in (p / CHECKPOINT_DIR, p):
+    if base.exists():
+      steps = sorted(int(c.name) for c in base.iterdir() if c.name.isdigit()
+                     and (c / "state").exists())
+      if steps:
+        return base / str(steps[-1])
+  raise CheckpointError(f"no checkpoint found at {path} (looked for <step>/state under {p} and "
+                        f"{p / CHECKPOINT_DIR})")
+
+
+def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
+  """Params (and meta) from any of our checkpoints: train state or params-only.
+
+  With `abstract_params` (e.g. jax.eval_shape of the model's params) the result is fitted and
+  checked as in `load_params_for`; without it the raw arrays are returned.
+  """
+  if abstract_params is not None:
+    return load_params_for(abstract_params, path)
+  step_dir = resolve(path)
+  tree = ocp.PyTreeCheckpointer().restore(os.fspath(step_dir / "state"))
+  meta = {}
+  if (step_dir / "meta").exists():
+    meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.fspath(step_dir / "meta")))
+  return tree["params"], meta
+
+
+def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None):
+  """Params from `path` fitted to a model whose params look like `abstract_params`.
+
+  The positional embedding is resized (bicubic, cls row kept) when the patch grid differs;
+  top-level subtrees named in `keep_fresh` (a dict of fresh params, e.g. a new classifier head)
+  replace the loaded ones. Shapes are then checked leaf by leaf.
+  """
+  import math
+  from crate_jax.models import resize_pos_embedding
+  params, meta = load_params(path)
+  params = dict(params)
+  for name, value in (keep_fresh or {}).items():
+    params[name] = value
+  want = abstract_params.get("pos_embedding")
+  have = params.get("pos_embedding")
+  if want is not None and have is not None and tuple(have.shape) != tuple(want.shape):
+    grid = int(round(math.sqrt(want.shape[1] - 1)))
+    params["pos_embedding"] = resize_pos_embedding(have, grid)
+  check_compatible(abstract_params, params, what=f"checkpoint {path}")
+  return jax.tree.map(
+      lambda a, x: jax.device_put(jax.numpy.asarray(x, a.dtype), getattr(a, "sharding", None)),
+      abstract_params, params), meta
+
+
+def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:
+  """Raise CheckpointError listing missing/unexpected/mis-shaped leaves of `got` vs `expected`."""
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(k): getattr(v, "shape", None)
+          for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  problems = [f"missing {k}" for k in want if k not in have]
+  problems += [f"unexpected {k}" for k in have if k not in want]
+  problems += [f"{k}: checkpoint {tuple(have[k])} vs model {tuple(want[k])}"
+               for k in want if k in have and tuple(have[k]) != tuple(want[k])]
+  if problems:
+    raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems[:10])
+                          + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,149 @@
+"""Metric writing (clu writers + a metrics.jsonl), throughput, FLOPs and MFU."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from clu import metric_writers
+
+# Dense bf16 peak FLOP/s per device, keyed by a substring of jax.Device.device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for key, value in PEAK_FLOPS.items():
+    if key.lower() in kind.lower():
+      return value
+  return None
+
+
+def crate_forward_flops(model) -> float:
+  """Matmul FLOPs of one forward pass per image (2 per MAC) for CRATE-like models.
+
+  Per layer and token: U (d x hp), out (hp x d), ISTA 2 d^2 (two-matmul form), attention 2 N hp.
+  Plus the patch stem and the head. Elementwise work is not counted (the MFU convention).
+  """
+  g = model.image_size // model.patch_size
+  n = g * g + 1
+  d, inner = model.dim, model.heads * model.dim_head
+  stem = g * g * model.patch_size ** 2 * model.channels * d
+  layer = n * (2 * d * inner + 2 * d * d) + 2 * n * n * inner
+  return 2.0 * (stem + model.depth * layer + d * model.num_classes)
+
+
+def train_flops_per_example(model) -> float | None:
+  """Forward + backward = 3x forward, for models we can count; None otherwise."""
+  needed = ("image_size", "patch_size", "dim", "heads", "dim_head", "depth", "num_classes",
+            "channels")
+  if type(model).__name__ != "CRATE" or not all(hasattr(model, a) for a in needed):
+    return None
+  return 3.0 * crate_forward_flops(model)
+
+
+class JsonlWriter(metric_writers.interface.MetricWriter):
+  """One JSON object per write_scalars call, appended to <workdir>/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write_scalars(self, step, scalars):
+    record = {"step": int(step), **{k: _to_py(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Drop records after `last_step` (written by a run that died after its last checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def create_writer(workdir: str):
+  """TensorBoard + console on process 0 (plus metrics.jsonl); console-only elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(workdir, just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=True),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+class Throughput:
+  """Images/s, images/s/device, TFLOP/s/device and MFU between two `measure` calls."""
+
+  def __init__(self, global_batch: int, flops_per_example: float | None):
+    self.global_batch = global_batch
+    self.flops = flops_per_example
+    self.peak = peak_flops()
+    self.devices = jax.device_count()
+    self.reset(0)
+
+  def reset(self, step: int):
+    self.t0, self.step0 = time.perf_counter(), step
+
+  def pause(self, seconds: float):
+    self.t0 += seconds
+
+  def measure(self, step: int) -> dict[str, float]:
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    ips = (step - self.step0) * self.global_batch / dt
+    out = {"perf/img_per_sec": ips, "perf/img_per_sec_per_device": ips / self.devices,
+           "perf/step_time_ms": 1e3 * dt / max(step - self.step0, 1)}
+    if self.flops:
+      tflops = ips * self.flops / self.devices / 1e12
+      out["perf/tflops_per_device"] = tflops
+      if self.peak:
+        out["perf/mfu"] = tflops * 1e12 / self.peak
+    self.reset(step)
+    return out
+
+
+def _to_py(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return str(v)

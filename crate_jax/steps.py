@@ -1,0 +1,118 @@
+"""Pure train/eval steps: loss -> grads -> optax update, jitted once by the loop.
+
+Two tasks share the step: "classification" (logits + label-smoothed cross-entropy) and "mae"
+(models returning {"loss": ...}, e.g. CRATE-MAE). Batches are dicts of global jax.Arrays.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so the state is a plain checkpointable pytree
+
+
+def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
+  """Initialise params (fp32) and optimiser state. jit this with out_shardings."""
+  init_rng, state_rng = jax.random.split(jax.random.key(seed))
+  params = model.init({"params": init_rng, "mask": init_rng},
+                      jnp.zeros((1, *image_shape), jnp.float32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(state_rng))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """-sum_c y_c log softmax(logits)_c with y = (1 - s) labels + s / C (per example)."""
+  num_classes = logits.shape[-1]
+  targets = labels * (1.0 - smoothing) + smoothing / num_classes
+  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def topk_correct(logits: jax.Array, label: jax.Array, k: int) -> jax.Array:
+  """1.0 where the true label is among the k largest logits."""
+  k = min(k, logits.shape[-1])
+  _, idx = jax.lax.top_k(logits, k)
+  return jnp.any(idx == label[:, None], axis=-1).astype(jnp.float32)
+
+
+def _loss_fn(model, task: str, smoothing: float):
+  def loss_fn(params, batch, rng):
+    if task == "mae":
+      out = model.apply({"params": params}, batch["image"], train=True, rngs={"mask": rng})
+      return out["loss"], {"loss": out["loss"]}
+    logits = model.apply({"params": params}, batch["image"], train=True,
+                         rngs={"dropout": rng})
+    loss = cross_entropy(logits, batch["labels"], smoothing).mean()
+    return loss, {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean()}
+  return loss_fn
+
+
+def make_train_step(model, tx, *, task: str = "classification", label_smoothing: float = 0.0,
+                    grad_accum_steps: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics). With grad_accum_steps = k the batch is split into k
+  micro-batches whose gradients are averaged (same update, less activation memory)."""
+  grad_fn = jax.value_and_grad(_loss_fn(model, task, label_smoothing), has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          batch)
+
+      def accumulate(carry, xs):
+        i, mb = xs
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+      (grads, metrics), _ = jax.lax.scan(accumulate, zeros,
+                                         (jnp.arange(grad_accum_steps), micro))
+      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  top1: clu_metrics.Average.from_output("top1")
+  top5: clu_metrics.Average.from_output("top5")
+
+
+def make_eval_step(model, *, task: str = "classification") -> Callable:
+  """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples."""
+
+  def eval_step(params, batch):
+    mask = batch["mask"]
+    if task == "mae":
+      out = model.apply({"params": params}, batch["image"], train=False,
+                        rngs={"mask": jax.random.key(0)})
+      loss = jnp.broadcast_to(out["loss"], mask.shape)
+      zero = jnp.zeros_like(mask)
+      return EvalMetrics.single_from_model_output(loss=loss, top1=zero, top5=zero, mask=mask)
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    return EvalMetrics.single_from_model_output(
+        loss=cross_entropy(logits, jax.nn.one_hot(batch["label"], logits.shape[-1])),
+        top1=topk_correct(logits, batch["label"], 1),
+        top5=topk_correct(logits, batch["label"], 5), mask=mask)
+
+  return eval_step
