@@ -1,0 +1,31 @@
+"""The benchmark runs at tiny size on CPU (CI keeps it working); FLOP counts match the spec."""
+import pytest
+
+from crate_jax import bench, metrics, models
+
+
+@pytest.mark.parametrize("name,gmacs", [("crate_tiny", 1.81), ("crate_small", 3.76),
+                                        ("crate_base", 6.41), ("crate_large", 21.89)])
+def test_forward_flops_match_the_reference_count(name, gmacs):
+  # Matmul MACs per 224px image with the two-matmul ISTA (crate-reference-spec.md, section 6.3).
+  assert metrics.crate_forward_flops(models.get(name)) / 2e9 == pytest.approx(gmacs, rel=5e-3)
+
+
+def test_tiny_benchmark_runs_with_torch_comparison(capsys):
+  torch = pytest.importorskip("torch")
+  del torch
+  results = bench.main(["--tiny", "--models", "crate_tiny", "--batch", "16", "--steps", "2",
+                        "--warmup", "1", "--dtype", "float32", "--vs-torch"])
+  jax_r, torch_r = results
+  assert jax_r["impl"] == "jax" and torch_r["impl"] == "torch"
+  assert jax_r["img_per_sec"] > 0 and torch_r["img_per_sec"] > 0
+  assert jax_r["tflops_per_device"] > 0 and jax_r["compile_s"] > 0
+  assert torch_r["jax_speedup"] == pytest.approx(jax_r["img_per_sec"] / torch_r["img_per_sec"])
+  out = capsys.readouterr().out
+  assert "img/s" in out and "jax is" in out
+
+
+def test_forward_only_mode():
+  (r,) = bench.main(["--tiny", "--models", "crate_base", "--batch", "8", "--steps", "1",
+                     "--warmup", "1", "--dtype", "bfloat16", "--forward-only"])
+  assert r["mode"] == "forward" and r["img_per_sec"] > 0
