@@ -7,6 +7,10 @@
 from crate_jax.models.crate import CRATE, ISTA, MSSA, CRATELayer, PatchEmbed, ista, mssa
 from crate_jax.models.posemb import resize_params_pos_embedding, resize_pos_embedding
 from crate_jax.models.registry import from_config, get, names, register, variant_kwargs
+from crate_jax.models.crate_alpha import ALPHA_VARIANTS, CRATEAlpha, alpha_kwargs, ista_alpha
+from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
+                                        classifier_params_from_mae, reconstruction_figure)
+from crate_jax.models.vit import VIT_SIZES, ViT
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
 register("crate_tiny", CRATE, dim=384, depth=12, heads=6, dim_head=64)
@@ -17,5 +21,23 @@ register("crate_large", CRATE, dim=1024, depth=24, heads=16, dim_head=64)
 register("crate_base_demo", CRATE, patch_size=8, dim=768, depth=12, heads=6, dim_head=128,
          num_classes=21842)
 
+# CRATE-alpha: crate_alpha_{t,s,b,l,h}{patch} (e.g. crate_alpha_b16, crate_alpha_l14) and the
+# size names crate_alpha_{tiny,small,base,large} (patch 16), crate_alpha_huge (patch 14).
+for _letter, (_size, _patches) in ALPHA_VARIANTS.items():
+  for _patch in _patches:
+    register(f"crate_alpha_{_letter}{_patch}", CRATEAlpha, **alpha_kwargs(_size, _patch))
+  register(f"crate_alpha_{_size}", CRATEAlpha,
+           **alpha_kwargs(_size, 14 if _size == "huge" else 16))
+# ViT baselines (patch 16, dim_head 64) and CRATE-MAE (patch 16; decoder mirrors the encoder).
+for _size, (_dim, _depth, _heads) in VIT_SIZES.items():
+  register(f"vit_{_size}", ViT, patch_size=16, dim=_dim, depth=_depth, heads=_heads,
+           dim_head=_dim // _heads)
+for _size, (_dim, _depth, _heads) in MAE_SIZES.items():
+  _arch = dict(patch_size=16, dim=_dim, depth=_depth, heads=_heads, dim_head=_dim // _heads)
+  register(f"crate_mae_{_size}", CRATEMAE, **_arch)
+  register(f"crate_mae_classifier_{_size}", CRATEMAEClassifier, **_arch)
+
 __all__ = ["CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "from_config", "get", "ista", "mssa", "names",
-           "register", "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs"]
+           "register", "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs",
+           "CRATEAlpha", "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae",
+           "ista_alpha", "reconstruction_figure"]

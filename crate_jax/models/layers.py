@@ -114,3 +114,62 @@ def num_patches(image_size: int, patch_size: int) -> int:
   if image_size % patch_size:
     raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
   return (image_size // patch_size) ** 2
+
+
+# ---- helpers shared by CRATE-alpha, CRATE-MAE and the ViT baseline ----
+
+def xavier_uniform_init(fan_in: int, fan_out: int):
+  """torch xavier_uniform_ on the 2-D (out, in) view: U(-sqrt(6 / (fan_in + fan_out)), +)."""
+  return uniform_init(math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+def check_patch_count(images: jax.Array, image_size: int, patch_size: int, channels: int) -> int:
+  """`check_images`, plus: the grid must match a learned positional table built for image_size."""
+  grid = check_images(images, patch_size, channels)
+  n = num_patches(image_size, patch_size)
+  if grid[0] * grid[1] != n:
+    raise ValueError(
+        f"images of {images.shape[1]}x{images.shape[2]} give {grid[0] * grid[1]} patches but the "
+        f"model was built for image_size={image_size} ({n} patches); build it with the new "
+        "image_size and resize the checkpoint with crate_jax.models.resize_pos_embedding")
+  return n
+
+
+def overcomplete_ista(x: jax.Array, D: jax.Array, *, eta: float, lambd: float, num_steps: int,
+                      z0: jax.Array | None = None) -> jax.Array:
+  """Non-negative ISTA on min_{z >= 0} 1/2 ||x - D z||^2 + lambda ||z||_1, D of shape (d, m):
+
+    z <- ReLU(z - eta * D^T (D z - x) - eta * lambda),   num_steps times from z0 (default 0).
+
+  Row form, as in CRATE's `ista`: D^T x = x D and D z = z D^T. From z0 = 0 the first step is
+  ReLU(eta D^T x - eta lambda). CRATE's one-step ISTA is the case m = d, z0 = x, num_steps = 1.
+  Returns the codes z (..., m).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  dtx = jnp.einsum("...d,dm->...m", x, D)
+  if z0 is None:
+    z, num_steps = jax.nn.relu(eta * dtx - eta * lambd), num_steps - 1
+  else:
+    z = z0
+  for _ in range(num_steps):
+    dz = jnp.einsum("...m,dm->...d", z, D)
+    z = jax.nn.relu(z - eta * (jnp.einsum("...d,dm->...m", dz, D) - dtx) - eta * lambd)
+  return z
+
+
+def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
+                        implementation: str | None = None):
+  """Per head softmax(q_h k_h^T * p^-1/2) v_h for (B, N, heads, p) inputs (the ViT attention).
+
+  Same numerics as `subspace_attention` (fp32 softmax; fused kernel when no weights are wanted and
+  `implementation` is given); `subspace_attention(w)` is the tied case q = k = v = w.
+  """
+  scale = q.shape[-1] ** -0.5
+  if not return_weights and implementation is not None:
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    return out, None
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return out, (weights if return_weights else None)

@@ -1,0 +1,208 @@
+"""CRATE-alpha (UCSC-VLAA/CRATE-alpha): CRATE with an overcomplete, decoupled, residual ISTA block.
+
+One block (pre-norm, LayerNorm eps 1e-6):
+  x <- x + MSSA(LN x)                      tied q = k = v projection U, output W_out, no biases
+  x <- x + ISTA_alpha(LN x) = x + D1 z_K   z_K: K non-negative ISTA steps on D from z_0 = 0
+with D, D1 in R^{d x r d} (r = 4, "overcomplete"), eta = lambda = 0.1 and K = 2 in the released
+models:  z_1 = ReLU(eta D^T x - eta lambda),
+          z_{k+1} = ReLU(z_k - eta D^T (D z_k - x) - eta lambda).
+Unlike CRATE there is a residual around the sparse-coding step and the code is decoded by a second
+dictionary D1. The parameter tree mirrors the official big_vision names (`embedding`, `cls`,
+`pos_embedding`, `Transformer/encoderblock_{i}/...`, `encoder_norm`, `head`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crate_jax.models import layers as L
+from crate_jax.models.crate import mssa
+
+Dtype = Any
+ALPHA_LN_EPS = 1e-6  # Flax's LayerNorm default, used by the official model
+
+
+def ista_alpha(x: jax.Array, D: jax.Array, D1: jax.Array, *, eta: float, lambd: float,
+               num_steps: int):
+  """ISTA_alpha(x) = D1 z_K, z_K = `overcomplete_ista(x, D)` from z_0 = 0; returns (D1 z_K, z_K).
+
+  Special cases (tested): K = 1 gives D1 ReLU(eta D^T x - eta lambda); with lambda = 0, D = D1
+  square orthogonal and D^T x >= 0, z_K = (1 - (1 - eta)^K) D^T x, so the output is
+  (1 - (1 - eta)^K) x (= eta x for K = 1); D1 = 0 gives 0, i.e. the block is attention only.
+  """
+  z = L.overcomplete_ista(x, D, eta=eta, lambd=lambd, num_steps=num_steps)
+  return jnp.einsum("...m,dm->...d", z, D1), z
+
+
+class _Kernel(nn.Module):
+  """A lone `kernel` parameter (so the tree reads `proj/kernel`, `out/kernel` as in big_vision)."""
+  shape: tuple[int, ...]
+  init: Callable = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", self.init, self.shape, jnp.float32)
+
+
+class SubspaceAttention(nn.Module):
+  """MSSA_alpha(z) = concat_k[softmax(w_k w_k^T / sqrt(p)) w_k] W_out with w_k = z U_k; no biases.
+
+  The same tied-qkv maths as CRATE's `mssa` (called with a zero output bias); kernels N(0, 0.02).
+  """
+  heads: int
+  dim_head: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, z, return_weights: bool = False):
+    d = z.shape[-1]
+    U = _Kernel((d, self.heads, self.dim_head), name="proj")()
+    w_out = _Kernel((self.heads, self.dim_head, d), name="out")()
+    z, U, w_out = L.cast(self.dtype, z, U, w_out)
+    return mssa(z, U, w_out, jnp.zeros((), z.dtype), return_weights=return_weights,
+                implementation=self.attention_impl)
+
+
+class OvercompleteISTA(nn.Module):
+  """ISTA_alpha with learned D, D1 of shape (d, ratio * d), both kaiming-uniform U(+-sqrt(6/d))."""
+  ratio: int = 4
+  num_steps: int = 2
+  eta: float = 0.1
+  lambd: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    shape = (d, self.ratio * d)
+    D = self.param("D", L.kaiming_uniform_init(d), shape, jnp.float32)
+    D1 = self.param("D1", L.kaiming_uniform_init(d), shape, jnp.float32)
+    x, D, D1 = L.cast(self.dtype, x, D, D1)
+    return ista_alpha(x, D, D1, eta=self.eta, lambd=self.lambd, num_steps=self.num_steps)
+
+
+class CRATEAlphaLayer(nn.Module):
+  """x + MSSA_alpha(LN x), then x + ISTA_alpha(LN x); with D1 = 0 only x + MSSA_alpha(LN x)."""
+  heads: int
+  dim_head: int
+  ratio: int = 4
+  num_steps: int = 2
+  eta: float = 0.1
+  lambd: float = 0.1
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  return_weights: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    attn, features, weights = SubspaceAttention(
+        self.heads, self.dim_head, self.dtype, self.attention_impl,
+        name="MultiHeadDotProductSubspaceAttention_0")(
+            L.layer_norm("LayerNorm_0", self.dtype, ALPHA_LN_EPS)(x), self.return_weights)
+    x_half = x + attn
+    decoded, codes = OvercompleteISTA(self.ratio, self.num_steps, self.eta, self.lambd, self.dtype,
+                                      name="OvercompleteISTABlock_0")(
+        L.layer_norm("LayerNorm_1", self.dtype, ALPHA_LN_EPS)(x_half))
+    out = x_half + decoded
+    return out, {"features": features, "attention": weights, "mssa": x_half, "codes": codes,
+                 "blocks": out}
+
+
+class _Encoder(nn.Module):
+  """The stack of CRATE-alpha blocks (named `Transformer` in the parent, as in big_vision)."""
+  depth: int
+  heads: int
+  dim_head: int
+  ratio: int
+  num_steps: int
+  eta: float
+  lambd: float
+  dtype: Dtype
+  remat: bool
+  attention_impl: str | None
+  return_weights: bool
+
+  @nn.compact
+  def __call__(self, x):
+    layer_cls = L.maybe_remat(CRATEAlphaLayer, self.remat)
+    per_layer = []
+    for i in range(self.depth):
+      x, inter = layer_cls(self.heads, self.dim_head, self.ratio, self.num_steps, self.eta,
+                           self.lambd, self.dtype, self.attention_impl, self.return_weights,
+                           name=f"encoderblock_{i}")(x)
+      per_layer.append(inter)
+    return x, per_layer
+
+
+class CRATEAlpha(nn.Module):
+  """The CRATE-alpha classifier: conv patch stem, class token, learned positions, blocks, LN, head.
+
+  Same interface as `CRATE`: `apply(variables, images)` gives logits for NHWC images, and with
+  `return_intermediates=True` `(logits, out)` where out holds, stacked over layers:
+    features (L, B, N, heads, dim_head), attention (L, B, heads, N, N), mssa (L, B, N, d) = x after
+    the attention residual, codes (L, B, N, ratio*d) = the sparse codes z_K, blocks (L, B, N, d),
+  plus tokens (B, N, d) = last block output and pre_logits (B, d) = LN(tokens)[:, 0].
+  """
+  num_classes: int = 1000
+  image_size: int = 224
+  patch_size: int = 16
+  dim: int = 768
+  depth: int = 12
+  heads: int = 12
+  dim_head: int = 64
+  channels: int = 3
+  ratio: int = 4
+  num_ista_steps: int = 2
+  eta: float = 0.1
+  lambd: float = 0.1
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  def embed(self, images):
+    """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""
+    n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    p = self.patch_size
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, kernel_init=nn.initializers.kaiming_uniform(),
+                bias_init=nn.initializers.zeros, name="embedding")(images)
+    x = x.reshape(x.shape[0], n, self.dim)
+    cls = self.param("cls", nn.initializers.normal(1e-6), (1, 1, self.dim), jnp.float32)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n + 1, self.dim),
+                     jnp.float32)
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
+    return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
+    x = self.embed(jnp.asarray(images, self.dtype))
+    tokens, per_layer = _Encoder(self.depth, self.heads, self.dim_head, self.ratio,
+                                 self.num_ista_steps, self.eta, self.lambd, self.dtype, self.remat,
+                                 self.attention_impl, return_intermediates, name="Transformer")(x)
+    pre_logits = L.layer_norm("encoder_norm", self.dtype, ALPHA_LN_EPS)(tokens)[:, 0]
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.zeros,
+                      name="head")(pre_logits).astype(jnp.float32)
+    if not return_intermediates:
+      return logits
+    out = {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+    out.update(tokens=tokens, pre_logits=pre_logits)
+    return logits, out
+
+
+# name -> (dim, depth, heads); the official `decode_variant` table (dim_head = dim / heads).
+ALPHA_SIZES = {"tiny": (192, 12, 3), "small": (576, 12, 12), "base": (768, 12, 12),
+               "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+# Registered short names crate_alpha_{letter}{patch}; the letter picks the size.
+ALPHA_VARIANTS = {"t": ("tiny", (16,)), "s": ("small", (16, 32)), "b": ("base", (8, 16, 32)),
+                  "l": ("large", (8, 14, 16, 32)), "h": ("huge", (14,))}
+
+
+def alpha_kwargs(size: str, patch: int) -> dict[str, Any]:
+  """Constructor arguments of CRATE-alpha-{size}/{patch}."""
+  dim, depth, heads = ALPHA_SIZES[size]
+  return dict(patch_size=patch, dim=dim, depth=depth, heads=heads, dim_head=dim // heads)
