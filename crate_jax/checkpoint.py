@@ -6,10 +6,13 @@ Saves are asynchronous and atomic (Orbax writes to a temporary directory and ren
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -18,6 +21,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model/config."""
+
+
+class CheckpointWriteError(OSError):
+  """Saving a checkpoint failed (e.g. no space left on the device)."""
 
 
 class Checkpoints:
@@ -43,31 +50,95 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    """Start an async save of `step` (an error of the previous async save surfaces here)."""
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step):
+    """A failed write (disk full, permissions) -> one clear CheckpointWriteError."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - Orbax wraps I/O errors in several types
+      if not is_io_error(e):
+        raise
+      done = [s for s in self.finished_steps() if s != step]
+      raise CheckpointWriteError(
+          f"writing a checkpoint in {self.directory} failed ({_first_line(_root(e))}); stopping. "
+          f"Earlier checkpoints are intact: steps {done}") from e
+
+  def finished_steps(self) -> list[int]:
+    return sorted(int(c.name) for c in self.directory.iterdir()
+                  if c.name.isdigit() and (c / "state").exists())
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restore into `abstract_state` (ShapeDtypeStructs with shardings); mismatches raise."""
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} does not match this model/config "
-          f"({_first_line(e)}). Use a new --workdir, or warm-start from it with "
-          f"--config.init_from={self.directory / str(step)}") from e
+    """Restore into `abstract_state` (ShapeDtypeStructs with shardings).
+
+    A checkpoint of another model/config raises CheckpointError naming the mismatched leaves
+    (checked on the saved metadata, before reading any array).
+    """
+    saved = self.manager.item_metadata(step)["state"]
+    if saved is not None:
+      try:
+        check_compatible(abstract_state, saved, what=f"checkpoint step {step} in {self.directory}")
+      except CheckpointError as e:
+        raise CheckpointError(
+            f"{e}. Refusing to resume: use a new --workdir, or warm-start from it with "
+            f"--config.init_from={self.directory / str(step)}") from None
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict]:
+    """Restore the newest checkpoint that reads cleanly; (None, None, {}) if there is none.
+
+    A truncated or corrupt step is reported in one line and moved aside to `<step>.corrupt-N`
+    (kept on disk, never deleted); the previous good step is used instead.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except CheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back the same way
+        aside = self._move_aside(step)
+        logging.warning("checkpoint step %d is unreadable (%s); moved to %s, trying an earlier "
+                        "step", step, _first_line(e), aside)
+    return None, None, {}
+
+  def _move_aside(self, step: int) -> epath.Path:
+    src = self.directory / str(step)
+    n = 0
+    while (self.directory / f"{step}.corrupt-{n}").exists():
+      n += 1
+    dst = self.directory / f"{step}.corrupt-{n}"
+    if jax.process_index() == 0:
+      src.rename(dst)
+    _sync(f"move_aside_{step}")
+    self.manager.reload()
+    return dst
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._write_errors(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
@@ -102,7 +173,12 @@ def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
   if abstract_params is not None:
     return load_params_for(abstract_params, path)
   step_dir = resolve(path)
-  tree = ocp.PyTreeCheckpointer().restore(os.fspath(step_dir / "state"))
+  ckptr = ocp.PyTreeCheckpointer()
+  path = os.fspath(step_dir / "state")
+  # Restore as host numpy arrays: independent of the topology the checkpoint was written on.
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          ckptr.metadata(path).item_metadata.tree)
+  tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   meta = {}
   if (step_dir / "meta").exists():
     meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -146,6 +222,20 @@ def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:
   if problems:
     raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems[:10])
                           + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+
+
+def _root(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def is_io_error(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) or "No space left" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _first_line(e: Exception) -> str:

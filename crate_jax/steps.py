@@ -2,8 +2,8 @@
 
 Two tasks share the step: "classification" (logits + label-smoothed cross-entropy) and "mae"
 (models returning {"loss": ...}, e.g. CRATE-MAE). Batches are dicts of global jax.Arrays.
+(No `from __future__ import annotations` here: clu metric Collections read real annotations.)
 """
-from __future__ import annotations
 
 from typing import Any, Callable
 
@@ -84,8 +84,8 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

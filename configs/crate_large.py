@@ -1,0 +1,14 @@
+"""CRATE-Large on ImageNet-1K with the official recipe (Lion, lr 2e-4, wd 0.05, batch 512, 200 epochs).
+
+On GPUs with less memory add --config.remat=True or --config.grad_accum_steps=2.
+
+  python -m crate_jax.train --config configs/crate_large.py --workdir gs://BUCKET/crate_large
+Needs ImageNet prepared with tfds (see README); override fields with --config.KEY=VALUE.
+"""
+from crate_jax import config_lib
+
+
+def get_config():
+  config = config_lib.base_config()
+  config.model.name = "crate_large"
+  return config

