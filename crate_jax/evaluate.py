@@ -1,0 +1,54 @@
+"""Evaluate a checkpoint: top-1 / top-5 and loss on a dataset split.
+
+  python -m crate_jax.evaluate --config configs/embedded.py --checkpoint workdirs/embedded
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from crate_jax import checkpoint as ckpt_lib
+from crate_jax import models, sharding, steps
+
+
+def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> dict[str, float]:
+  from crate_jax import data as data_lib
+  from crate_jax import train
+  model = models.from_config(config)
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                         sharding=sharding.replicated(mesh)),
+                          abstract)
+  params, _ = ckpt_lib.load_params_for(abstract, checkpoint)
+  if split:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.eval_split = split
+  eval_step = jax.jit(steps.make_eval_step(model, task=config.get("task", "classification")))
+  return train.evaluate(eval_step, params, config, sharding.data_sharding(mesh))
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  f = flags.FLAGS
+  result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
+  print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
+                    **result}))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.", required=True)
+  flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
