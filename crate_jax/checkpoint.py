@@ -79,14 +79,13 @@ class Checkpoints:
     A checkpoint of another model/config raises CheckpointError naming the mismatched leaves
     (checked on the saved metadata, before reading any array).
     """
-    saved = self.manager.item_metadata(step)["state"]
-    if saved is not None:
-      try:
-        check_compatible(abstract_state, saved, what=f"checkpoint step {step} in {self.directory}")
-      except CheckpointError as e:
-        raise CheckpointError(
-            f"{e}. Refusing to resume: use a new --workdir, or warm-start from it with "
-            f"--config.init_from={self.directory / str(step)}") from None
+    saved = saved_tree(self.directory / str(step))
+    try:
+      check_compatible(abstract_state, saved, what=f"checkpoint step {step} in {self.directory}")
+    except CheckpointError as e:
+      raise CheckpointError(
+          f"{e}. Refusing to resume: use a new --workdir, or warm-start from it with "
+          f"--config.init_from={self.directory / str(step)}") from None
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
@@ -164,6 +163,12 @@ def resolve(path: str) -> epath.Path:
                         f"{p / CHECKPOINT_DIR})")
 
 
+def saved_tree(step_dir) -> Any:
+  """The saved `state` tree of a step directory as Orbax array metadata (shapes, dtypes)."""
+  path = os.fspath(epath.Path(step_dir) / "state")
+  return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+
+
 def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
   """Params (and meta) from any of our checkpoints: train state or params-only.
 
@@ -173,12 +178,10 @@ def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
   if abstract_params is not None:
     return load_params_for(abstract_params, path)
   step_dir = resolve(path)
-  ckptr = ocp.PyTreeCheckpointer()
-  path = os.fspath(step_dir / "state")
   # Restore as host numpy arrays: independent of the topology the checkpoint was written on.
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          ckptr.metadata(path).item_metadata.tree)
-  tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree(step_dir))
+  tree = ocp.PyTreeCheckpointer().restore(os.fspath(step_dir / "state"),
+                                          args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   meta = {}
   if (step_dir / "meta").exists():
     meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -212,9 +215,13 @@ def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None):
 
 def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:
   """Raise CheckpointError listing missing/unexpected/mis-shaped leaves of `got` vs `expected`."""
+  expected, got = _as_plain_tree(expected), _as_plain_tree(got)
   want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
   have = {jax.tree_util.keystr(k): getattr(v, "shape", None)
           for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  first = lambda k: (not k.startswith("['params']"), k)  # model weights before optimizer state
+  want = dict(sorted(want.items(), key=lambda kv: first(kv[0])))
+  have = dict(sorted(have.items(), key=lambda kv: first(kv[0])))
   problems = [f"missing {k}" for k in want if k not in have]
   problems += [f"unexpected {k}" for k in have if k not in want]
   problems += [f"{k}: checkpoint {tuple(have[k])} vs model {tuple(want[k])}"
@@ -222,6 +229,13 @@ def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:
   if problems:
     raise CheckpointError(f"{what} does not fit the model: " + "; ".join(problems[:10])
                           + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""))
+
+
+def _as_plain_tree(tree):
+  """Dataclass states and Orbax metadata trees -> nested dicts, so leaf paths compare equal."""
+  from flax import serialization
+  tree = getattr(tree, "tree", tree)
+  return serialization.to_state_dict(tree)
 
 
 def _root(e: BaseException) -> BaseException:

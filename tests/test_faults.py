@@ -1,0 +1,126 @@
+"""Fault injection: a real training subprocess is SIGKILLed between steps, during a save and
+during eval, then resumed; corrupt latest checkpoints, a full disk and a foreign workdir."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from crate_jax import checkpoint as ckpt_lib
+from crate_jax import train
+from tests.test_train import ROOT, final_params, losses, tiny_config
+
+OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4, "eval_every_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  """An uninterrupted run: its per-step loss log and final params."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), workdir)
+  return losses(workdir), final_params(workdir)
+
+
+def run_worker(workdir, data_dir, fault=None):
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "fault_worker.py"), str(workdir),
+         json.dumps({**OVERRIDES, "data.data_dir": data_dir})] + ([fault] if fault else [])
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_as_reference(workdir, reference):
+  ref_losses, ref_params = reference
+  assert losses(workdir) == ref_losses
+  jax.tree.map(np.testing.assert_array_equal, final_params(workdir), ref_params)
+
+
+@pytest.mark.parametrize("fault", ["step:6", "save:8", "eval:6"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_dir, reference, fault):
+  killed = run_worker(tmp_path, data_dir, fault)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+  survivors = ckpts.all_steps()
+  ckpts.close()
+  assert survivors and 4 in survivors  # the save before the kill is intact...
+  for step in survivors:                # ...and every surviving step loads
+    params, meta = ckpt_lib.load_params(str(tmp_path / "checkpoints" / str(step)))
+    assert meta["step"] == step and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  resumed = run_worker(tmp_path, data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert_same_as_reference(str(tmp_path), reference)
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, data_dir, reference, caplog):
+  killed = run_worker(tmp_path, data_dir, "step:9")
+  assert killed.returncode == -signal.SIGKILL
+  _corrupt(tmp_path / "checkpoints" / "8")
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith("checkpoint step 8 is unreadable")
+  assert (tmp_path / "checkpoints" / "8.corrupt-0" / "state").exists()  # kept, not deleted
+  assert_same_as_reference(str(tmp_path), reference)
+
+
+def test_full_disk_stops_clearly_and_keeps_earlier_checkpoints(tmp_path, data_dir):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    def fill_disk(step, state):
+      if step == 6:
+        deadline = time.time() + 60  # let the asynchronous save of step 4 finish first
+        while not (disk / "run" / "checkpoints" / "4" / "state").exists():
+          assert time.time() < deadline, "step 4 was never saved"
+          time.sleep(0.05)
+        stat = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:
+          f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - 4096, 0))
+
+    with pytest.raises(OSError, match=r"failed at step \d+ .*Earlier checkpoints are intact: "
+                                      r"steps \[4\]"):
+      train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(disk / "run"),
+                               callbacks=[fill_disk])
+    params, meta = ckpt_lib.load_params(str(disk / "run"))
+    assert meta["step"] == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_foreign_workdir_is_refused_unless_warm_starting(tmp_path, data_dir):
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4), str(tmp_path / "a"))
+  before = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
+  wider = tiny_config(data_dir, num_train_steps=4, **{"model.kwargs.dim": 48})
+  with pytest.raises(ValueError, match=r"\['params'\]\['cls_token'\]: checkpoint \(1, 1, 32\) "
+                                       r"vs model \(1, 1, 48\).*Refusing to resume.*init_from"):
+    train.train_and_evaluate(wider, str(tmp_path / "a"))
+  lion = tiny_config(data_dir, num_train_steps=4, **{"optimizer.name": "lion"})
+  with pytest.raises(ValueError, match=r"unexpected \['opt_state'\].*Refusing to resume"):
+    train.train_and_evaluate(lion, str(tmp_path / "a"))
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == before  # nothing touched
+  with lion.unlocked():
+    lion.init_from = str(tmp_path / "a")
+  train.train_and_evaluate(lion, str(tmp_path / "b"))  # a warm start takes the params only
+  assert ckpt_lib.Checkpoints(str(tmp_path / "b")).latest_step() == 4
