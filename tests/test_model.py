@@ -158,3 +158,13 @@ def test_converter_rejects_mismatched_state_dicts():
   bad = dict(sd, **{"module.transformer.layers.0.1.fn.weight": torch.zeros(48, 40)})
   with pytest.raises(ValueError, match=r"'transformer.layers.0.1.fn.weight' has shape \(48, 40\)"):
     torch_keys.torch_to_flax(bad, expected, depth=3, heads=4, dim_head=16)
+
+
+def test_padded_fused_attention_equals_unpadded():
+  """The token padding used for cuDNN (197 -> 208, padded keys masked) changes nothing."""
+  from crate_jax.models import layers
+  w = jax.random.normal(jax.random.key(0), (2, 197, 3, 16))
+  with jax.default_matmul_precision("highest"):
+    want, _ = layers.subspace_attention(w)
+    got = layers.fused_attention(w, 16 ** -0.5, "xla", pad_to=16)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

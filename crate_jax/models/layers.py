@@ -87,12 +87,28 @@ def subspace_attention(w: jax.Array, *, return_weights: bool = False,
   """
   scale = w.shape[-1] ** -0.5
   if not return_weights and implementation is not None:
-    out = jax.nn.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
-    return out, None
+    # cuDNN's fused kernel refuses odd sequence lengths such as 197: pad the tokens to a
+    # multiple of 16 and mask the padding out as keys (key_value_seq_lengths), then slice.
+    pad_to = 16 if implementation == "cudnn" else 1
+    return fused_attention(w, scale, implementation, pad_to), None
   logits = jnp.einsum("bqhd,bkhd->bhqk", w, w, preferred_element_type=jnp.float32) * scale
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(w.dtype), w)
   return out, (weights if return_weights else None)
+
+
+def fused_attention(w: jax.Array, scale: float, implementation: str | None,
+                    pad_to: int = 1) -> jax.Array:
+  """jax.nn.dot_product_attention with q = k = v = w, tokens zero-padded to a multiple of pad_to."""
+  n = w.shape[1]
+  padded = -(-n // pad_to) * pad_to
+  if padded == n:
+    return jax.nn.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
+  wp = jnp.pad(w, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
+  lengths = jnp.full((w.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(wp, wp, wp, scale=scale, implementation=implementation,
+                                     key_value_seq_lengths=lengths)
+  return out[:, :n]
 
 
 def heads_kernel(module: nn.Module, name: str, shape: Sequence[int], fan_in: int, init=None):
