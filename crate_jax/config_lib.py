@@ -38,13 +38,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.flip = True
   c.data.randaugment_layers = 0   # RandAugment(N, M); 0 = off (the ImageNet recipe has none)
   c.data.randaugment_magnitude = 14
+  c.data.randaugment_num_bins = 31  # level = M / (bins - 1) of each op range, as torchvision
+  c.data.randaugment_ops = "default"  # or comma-separated names (crate_jax.data.randaugment)
   c.data.mixup_alpha = 0.0        # 0 = off
   c.data.cutmix_alpha = 0.0       # 0 = off
+  c.data.mix_prob = 1.0           # with mixup/cutmix on: probability a batch is mixed
+  c.data.mix_switch_prob = 0.5    # with both on: probability of cutmix rather than mixup
   c.data.eval_resize = 256        # resize shorter side, then center-crop image_size
+  c.data.resize_antialias = True  # bilinear with antialiasing (as PIL) when downscaling
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.shuffle_buffer = 50_000
   c.data.cache = False            # cache decoded examples in RAM: small datasets only
+  c.data.threads = 0              # tf.data private thread pool size; 0 = TF's default
   c.data.prefetch = 2             # batches prefetched to device
 
   # Optimisation. Per-step warm-up + cosine (the official code steps its schedule per epoch).

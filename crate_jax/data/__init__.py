@@ -1,0 +1,35 @@
+"""Input pipeline: tfds + tf.data, per-process shards, deterministic resumable training batches.
+
+  train_iterator(data_cfg, *, global_batch_size, seed, start_step=0, process_index=None,
+                 process_count=None)               -> host batches {"image", "label", "labels"}
+  eval_iterator(data_cfg, *, global_batch_size, split=None, process_index=None,
+                process_count=None)                      -> padded host batches, plus "mask"
+  to_global(batch, sharding), prefetch_to_device(iterator, sharding, size=2)  -> global jax.Arrays
+  check_batch_size(global_batch_size, num_devices, process_count=None)
+  num_examples(data_cfg, split)
+
+TensorFlow is imported on first use of a pipeline function, not with this package.
+"""
+from __future__ import annotations
+
+import importlib
+
+from crate_jax.data.device import check_batch_size, prefetch_to_device, to_global
+
+_LAZY = {
+    "train_iterator": "pipeline",
+    "eval_iterator": "pipeline",
+    "num_examples": "datasets",
+    "get_builder": "datasets",
+    "DATASETS": "datasets",
+    "DatasetNotPreparedError": "datasets",
+    "EmbeddedMnist": "embedded",
+}
+
+__all__ = ["check_batch_size", "prefetch_to_device", "to_global", *_LAZY]
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"crate_jax.data.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'crate_jax.data' has no attribute {name!r}")

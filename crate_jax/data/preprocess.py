@@ -1,0 +1,137 @@
+"""Per-example image ops in TensorFlow: decode, inception crop, resize, flip, normalise.
+
+Every random op is stateless: it takes a key (shape (2,) int tensor), so an example's augmentation
+is a pure function of (seed, epoch, position) and a resumed pipeline repeats it bit for bit.
+Images are uint8 (H, W, 3) until `normalize`, which returns float32 (x / 255 - mean) / std.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def decode(image: tf.Tensor) -> tf.Tensor:
+  """Encoded bytes or a decoded uint8 image -> uint8 (H, W, 3); grey is repeated to 3 channels."""
+  if image.dtype == tf.string:
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  return to_rgb(image)
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+  channels = image.shape[-1]
+  if channels == 1:
+    return tf.image.grayscale_to_rgb(image)
+  if channels is None:
+    image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def sample_crop(height, width, key, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3),
+                attempts: int = 10):
+  """torchvision's RandomResizedCrop box: (top, left, h, w) int32.
+
+  Up to `attempts` draws of area ~ U(area_range) * H * W and log-ratio ~ U(log ratio_range); the
+  first box that fits wins, else a centre crop clamped to ratio_range.
+  """
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  k_box, k_pos = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  u = tf.random.stateless_uniform([attempts, 2], seed=k_box)
+  area = h * w * (area_range[0] + (area_range[1] - area_range[0]) * u[:, 0])
+  log_lo, log_hi = math.log(ratio_range[0]), math.log(ratio_range[1])
+  ratio = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+  cw = tf.round(tf.sqrt(area * ratio))
+  ch = tf.round(tf.sqrt(area / ratio))
+  fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  v = tf.random.stateless_uniform([2], seed=k_pos)
+  # Fallback: the whole image, narrowed to the closest allowed aspect ratio, centred.
+  in_ratio = w / h
+  fw = tf.where(in_ratio > ratio_range[1], tf.round(h * ratio_range[1]), w)
+  fh = tf.where(in_ratio < ratio_range[0], tf.round(w / ratio_range[0]), h)
+  found = tf.reduce_any(fits)
+  ch = tf.where(found, ch[first], fh)
+  cw = tf.where(found, cw[first], fw)
+  top = tf.where(found, tf.floor(v[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
+  left = tf.where(found, tf.floor(v[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+  return [tf.cast(t, tf.int32) for t in (top, left, ch, cw)]
+
+
+def random_crop(image: tf.Tensor, key, area_range, ratio_range=(3 / 4, 4 / 3)) -> tf.Tensor:
+  """Inception crop of encoded bytes (JPEG: decoded only inside the box) or a decoded image."""
+  def crop_decoded(img):
+    img = to_rgb(img)
+    top, left, h, w = sample_crop(tf.shape(img)[0], tf.shape(img)[1], key, area_range, ratio_range)
+    return img[top:top + h, left:left + w]
+
+  if image.dtype != tf.string:
+    return crop_decoded(image)
+
+  def jpeg():
+    hw = tf.image.extract_jpeg_shape(image)
+    top, left, h, w = sample_crop(hw[0], hw[1], key, area_range, ratio_range)
+    return tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, h, w]), channels=3)
+
+  return tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop_decoded(decode(image)))
+
+
+def resize(image: tf.Tensor, size, antialias: bool = True) -> tf.Tensor:
+  """Bilinear resize to `size` (int -> square), float32 in [0, 255].
+
+  antialias (as PIL's bilinear) only acts when shrinking, so it is skipped for pure upsampling,
+  where it gives the same result at twice the cost.
+  """
+  size = tf.constant([size, size]) if isinstance(size, int) else tf.convert_to_tensor(size)
+
+  def bilinear(aa: bool):
+    return lambda: tf.image.resize(image, size, method="bilinear", antialias=aa)
+
+  if antialias:
+    shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.cast(size, tf.int32))
+    out = tf.cond(shrinks, bilinear(True), bilinear(False))
+  else:
+    out = bilinear(False)()
+  return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def random_flip(image: tf.Tensor, key) -> tf.Tensor:
+  """Horizontal flip with probability 1/2."""
+  flip = tf.random.stateless_uniform([], seed=key) < 0.5
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+  """(x / 255 - mean) / std per channel, float32."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def resize_shorter(image: tf.Tensor, shorter: int, antialias: bool = True) -> tf.Tensor:
+  """torchvision Resize(int): shorter side -> `shorter`, longer -> int(shorter * long / short)."""
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = shorter / tf.reduce_min(hw)
+  new = tf.where(hw == tf.reduce_min(hw), float(shorter), tf.floor(hw * scale))
+  return resize(image, tf.cast(new, tf.int32), antialias)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Centre size x size crop (torchvision rounding of the offsets)."""
+  hw = tf.shape(image)[:2]
+  top = tf.cast(tf.round(tf.cast(hw[0] - size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(hw[1] - size, tf.float32) / 2), tf.int32)
+  return image[top:top + size, left:left + size]
+
+
+def eval_image(image: tf.Tensor, size: int, resize_to: int, antialias: bool = True) -> tf.Tensor:
+  """Shorter side -> resize_to, centre crop size; if resize_to <= size just resize to size^2."""
+  image = decode(image)
+  if resize_to > size:
+    out = center_crop(resize_shorter(image, resize_to, antialias), size)
+  else:
+    out = resize(image, size, antialias)
+  return tf.ensure_shape(out, [size, size, 3])
