@@ -460,9 +460,9 @@ def test_pod_config_docstring_command_is_what_pod_sh_runs(sandbox):
 
 
 # ---------------------------------------------------------------------------------------------------
-# docs/launch.md stays in step with the scripts
+# README.md (its launch section) stays in step with the scripts
 
-DOCS = REPO / "docs" / "launch.md"
+DOCS = REPO / "README.md"
 
 
 def _doc_code_lines():
