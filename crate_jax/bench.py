@@ -11,6 +11,7 @@ prints the ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -40,11 +41,13 @@ def peak_memory_bytes() -> int | None:
 def bench_jax(name: str, batch: int, *, dtype: str, steps_: int, warmup: int, remat: bool,
               attention: str | None, forward_only: bool, **overrides) -> dict:
   """Time one model's train step (or forward pass) on synthetic data over all devices."""
-  model = models.get(name, dtype=getattr(jnp, dtype), remat=remat, attention_impl=attention,
-                     **overrides)
+  fields = {f.name for f in dataclasses.fields(models.get(name))}
+  kwargs = dict(dtype=getattr(jnp, dtype), remat=remat, attention_impl=attention, **overrides)
+  model = models.get(name, **{k: v for k, v in kwargs.items() if k in fields})
+  task = "classification" if "num_classes" in fields else "mae"
   mesh = sharding.make_mesh()
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
-  size, classes = model.image_size, model.num_classes
+  size, classes = model.image_size, getattr(model, "num_classes", 10)
   rng = np.random.default_rng(0)
   batch_data = jax.device_put({
       "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
@@ -54,10 +57,10 @@ def bench_jax(name: str, batch: int, *, dtype: str, steps_: int, warmup: int, re
   state = jax.jit(lambda: steps.create_train_state(model, tx, (size, size, 3), 0),
                   out_shardings=repl)()
   if forward_only:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, rngs={"mask": jax.random.key(0)}))
     args = (state.params, batch_data["image"])
   else:
-    fn = jax.jit(steps.make_train_step(model, tx), donate_argnums=0)
+    fn = jax.jit(steps.make_train_step(model, tx, task=task), donate_argnums=0)
     args = (state, batch_data)
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()

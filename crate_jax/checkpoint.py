@@ -189,17 +189,24 @@ def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
   return tree["params"], meta
 
 
-def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None):
+def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None,
+                    drop_extra: bool = False):
   """Params from `path` fitted to a model whose params look like `abstract_params`.
 
   The positional embedding is resized (bicubic, cls row kept) when the patch grid differs;
   top-level subtrees named in `keep_fresh` (a dict of fresh params, e.g. a new classifier head)
-  replace the loaded ones. Shapes are then checked leaf by leaf.
+  replace the loaded ones; with drop_extra, top-level subtrees the model does not have (e.g. a
+  CRATE-MAE decoder when fine-tuning its encoder) are left out. Shapes are then checked leaf by leaf.
   """
   import math
   from crate_jax.models import resize_pos_embedding
   params, meta = load_params(path)
   params = dict(params)
+  if drop_extra:
+    extra = sorted(set(params) - set(abstract_params))
+    if extra:
+      logging.info("not loading %s from %s (the model has no such parameters)", extra, path)
+    params = {k: v for k, v in params.items() if k in abstract_params}
   for name, value in (keep_fresh or {}).items():
     params[name] = value
   want = abstract_params.get("pos_embedding")

@@ -25,6 +25,7 @@ from crate_jax import metrics as metrics_lib
 from crate_jax import models, optim, sharding, steps
 
 TASKS = ("classification", "mae")
+HEAD_PARAMS = ("head", "head_norm", "fc_norm")  # re-initialised on a warm start with init_head
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,8 +91,9 @@ def plan(config: ml_collections.ConfigDict) -> Plan:
 def _warm_start(state, config, abstract_params):
   """Params from config.init_from; with init_head the classifier head keeps its fresh init."""
   fresh = {k: v for k, v in jax.device_get(state.params).items()
-           if config.init_head and k in ("head", "head_norm")}
-  params, _ = ckpt_lib.load_params_for(abstract_params, config.init_from, keep_fresh=fresh)
+           if config.init_head and k in HEAD_PARAMS}
+  params, _ = ckpt_lib.load_params_for(abstract_params, config.init_from, keep_fresh=fresh,
+                                       drop_extra=True)
   logging.info("Warm-started params from %s", config.init_from)
   return state.replace(params=params)
 
