@@ -181,6 +181,6 @@ class CRATE(nn.Module):
     logits, pre_logits = self.pool_and_head(z)
     if not return_intermediates:
       return logits
-    out = {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+    out = L.stack_layers(per_layer)
     out.update(tokens=z, pre_logits=pre_logits)
     return logits, out

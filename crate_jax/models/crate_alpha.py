@@ -189,7 +189,7 @@ class CRATEAlpha(nn.Module):
                       name="head")(pre_logits).astype(jnp.float32)
     if not return_intermediates:
       return logits
-    out = {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+    out = L.stack_layers(per_layer)
     out.update(tokens=tokens, pre_logits=pre_logits)
     return logits, out
 

@@ -186,7 +186,7 @@ class CRATEMAEEncoder(nn.Module):
     x = L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x)
     if not return_intermediates:
       return x, None
-    return x, {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+    return x, L.stack_layers(per_layer)
 
 
 def _encoder_kwargs(model) -> dict[str, Any]:

@@ -121,6 +121,11 @@ def maybe_remat(cls, remat: bool):
   return nn.remat(cls) if remat else cls
 
 
+def stack_layers(per_layer: Sequence[dict]) -> dict:
+  """[{name: array} per layer] -> {name: array stacked on a new leading layer axis}."""
+  return {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+
+
 def cast(dtype: Dtype, *xs):
   return tuple(jnp.asarray(x, dtype) for x in xs)
 

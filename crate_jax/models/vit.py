@@ -123,7 +123,7 @@ class ViT(nn.Module):
     logits = _dense(self.num_classes, self.dtype, "head")(pre_logits).astype(jnp.float32)
     if not return_intermediates:
       return logits
-    out = {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+    out = L.stack_layers(per_layer)
     out.update(tokens=x, pre_logits=pre_logits)
     return logits, out
 
