@@ -1,0 +1,257 @@
+"""White-box analysis of a trained CRATE checkpoint: layer-wise coding rate and sparsity, CLS
+attention maps and a PCA of the patch features of one layer.
+
+  python -m crate_jax.analyze --config configs/embedded.py --checkpoint workdirs/embedded \
+      --out analysis [--images FOLDER | --split test] [--num-images 8] [--layer -1] [--image-size 56]
+
+Writes into --out: layerwise.{png,json,csv}, attention_layerLL.png, pca_layerLL.png. Everything
+runs in float32. With --image-size other than the training size, the model is rebuilt for that
+size and the checkpoint's positional embedding is resized (bicubic, CLS row kept).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crate_jax import checkpoint as ckpt_lib
+from crate_jax import models, whitebox
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class AnalyzeError(ValueError):
+  """Bad analysis input (images, layer, image size), raised before anything is compiled."""
+
+
+# ----------------------------------------------------------------------------------- images
+def image_files(path: str) -> list[str]:
+  """The PNG/JPEG files of a folder (sorted), or [path] for one image file."""
+  if not os.path.exists(path):
+    raise AnalyzeError(f"--images {path}: no such file or folder")
+  if os.path.isfile(path):
+    files = [path]
+  else:
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    if not files:
+      raise AnalyzeError(f"--images {path}: the folder holds no PNG/JPEG images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+  return files
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """RGB in [0, 1], (size, size, 3): shorter side resized to `size` (bicubic), centre crop."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+      w, h = im.size
+      scale = size / min(w, h)
+      nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+      im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+      left, top = (nw - size) // 2, (nh - size) // 2
+      im = im.crop((left, top, left + size, top + size))
+      return np.asarray(im, np.float32) / 255.0
+  except (OSError, ValueError, SyntaxError) as e:
+    raise AnalyzeError(f"cannot read image {path}: {e}") from None
+
+
+def folder_images(path: str, size: int, num_images: int):
+  """(display images in [0, 1] (B, size, size, 3), names) of the first num_images files."""
+  files = image_files(path)[:num_images]
+  return np.stack([read_image(f, size) for f in files]), [os.path.basename(f) for f in files]
+
+
+def dataset_images(config, split: str, num_images: int):
+  """(display images in [0, 1], names) of the first num_images examples of a split."""
+  try:
+    from crate_jax import data as data_lib
+  except ImportError as e:
+    raise AnalyzeError(f"--split needs the data pipeline crate_jax.data, which is not "
+                       f"importable ({e}); pass --images FOLDER instead") from None
+  batch_size = -(-num_images // jax.device_count()) * jax.device_count()
+  images, labels = [], []
+  for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split):
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool))).astype(bool)
+    images.extend(np.asarray(batch["image"])[keep])
+    labels.extend(np.asarray(batch["label"])[keep])
+    if len(images) >= num_images:
+      break
+  if not images:
+    raise AnalyzeError(f"split {split!r} of dataset {config.data.name!r} yielded no images")
+  mean, std = _mean_std(config)
+  shown = np.clip(np.stack(images[:num_images]) * std + mean, 0.0, 1.0)
+  return shown.astype(np.float32), [f"{split} #{i} (label {int(l)})"
+                                    for i, l in enumerate(labels[:num_images])]
+
+
+def _mean_std(config):
+  return (np.asarray(config.data.mean, np.float32).reshape(1, 1, 1, -1),
+          np.asarray(config.data.std, np.float32).reshape(1, 1, 1, -1))
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  if images.shape[1:3] == (size, size):
+    return images
+  out = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, images.shape[-1]),
+                         method="bicubic")
+  return np.clip(np.asarray(out), 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ model
+def training_image_size(config) -> int:
+  kwargs = dict(config.model.get("kwargs", {}) or {})
+  return int(kwargs.get("image_size", config.data.image_size))
+
+
+def build_model(config, image_size: int):
+  """The config's model rebuilt for `image_size`, computing in float32."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    kwargs = dict(cfg.model.get("kwargs", {}) or {})
+    kwargs["image_size"] = image_size
+    cfg.model.kwargs = kwargs
+    cfg.compute_dtype = "float32"
+  model = models.from_config(cfg)
+  if not all(hasattr(model, a) for a in ("patch_size", "depth", "heads")):
+    raise AnalyzeError(f"model {config.model.name!r} is not a CRATE classifier")
+  if image_size % model.patch_size:
+    raise AnalyzeError(f"--image-size {image_size} is not a multiple of the patch size "
+                       f"{model.patch_size}")
+  return model
+
+
+# --------------------------------------------------------------------------------- analysis
+def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray | None = None,
+            split: str | None = None, num_images: int = 8, layer: int = -1,
+            image_size: int | None = None, names=None) -> dict:
+  """Run the analysis and write the figures and tables into out_dir; returns their paths and
+  the layer-wise statistics.
+
+  images: a folder (or one file) of PNG/JPEG images, or an array (B, H, W, 3) in [0, 1]; when
+  None, the first num_images of `split` (default config.data.eval_split) via crate_jax.data.
+  Inputs are checked (checkpoint, images, layer, size) before any model is compiled.
+  """
+  size = int(image_size or training_image_size(config))
+  if size <= 0:
+    raise AnalyzeError(f"--image-size must be positive, got {size}")
+  if num_images < 1:
+    raise AnalyzeError(f"--num-images must be >= 1, got {num_images}")
+  ckpt_lib.resolve(checkpoint)  # CheckpointError naming the path if there is none
+  model = build_model(config, size)
+  if not -model.depth <= layer < model.depth:
+    raise AnalyzeError(f"--layer {layer} is out of range for a {model.depth}-layer model")
+  layer = layer % model.depth
+  if isinstance(images, str):
+    shown, names = folder_images(images, size, num_images)
+  elif images is not None:
+    shown = _resize(np.asarray(images, np.float32)[:num_images], size)
+    names = list(names)[:len(shown)] if names else [f"image {i}" for i in range(len(shown))]
+  else:
+    split = split or config.data.eval_split
+    shown, names = dataset_images(config, split, num_images)
+    shown = _resize(shown, size)
+  mean, std = _mean_std(config)
+  normalised = (shown - mean) / std
+
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  params, meta = ckpt_lib.load_params(checkpoint, abstract["params"])
+  logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
+  stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
+  grid = (size // model.patch_size,) * 2
+  maps = whitebox.upsample_maps(whitebox.cls_attention_maps(out["attention"][layer], grid),
+                                (size, size))
+  vis = whitebox.pca_visualisation(out["features"][layer], grid)
+  vis = {k: np.asarray(jax.image.resize(v.astype(jnp.float32), (v.shape[0], size, size,
+                                                                 *v.shape[3:]), "nearest"))
+         for k, v in vis.items()}
+  from crate_jax.whitebox import figures
+  os.makedirs(out_dir, exist_ok=True)
+  title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))}, "
+           f"{len(shown)} images at {size}px")
+  paths = {
+      "curves": figures.curves_figure(stats, os.path.join(out_dir, "layerwise.png"), title=title),
+      "attention": figures.attention_figure(
+          shown, np.asarray(maps), os.path.join(out_dir, f"attention_layer{layer:02d}.png"),
+          layer=layer, names=names),
+      "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
+                                layer=layer, names=names),
+  }
+  rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())}}
+          for l in range(model.depth)]
+  paths["csv"] = _write_csv(rows, os.path.join(out_dir, "layerwise.csv"))
+  report = {
+      "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
+      "image_size": size, "training_image_size": training_image_size(config),
+      "num_images": len(shown), "images": names, "layer": layer,
+      "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
+      "eps": whitebox.OFFICIAL_EPS_SQ, "lambda": float(getattr(model, "lambd", 0.1)),
+      "formulas": FORMULAS, "layers": rows}
+  paths["json"] = os.path.join(out_dir, "layerwise.json")
+  with open(paths["json"], "w") as f:
+    json.dump(report, f, indent=2)
+  return {"paths": paths, "stats": stats, "report": report}
+
+
+FORMULAS = {
+    "coding_rate_c": "1/2 sum_k logdet(I_N + p/(N eps) X_k X_k^T), X_k = rownorm(U_k^T LN(Z^l)), "
+                     "CLS included (official)",
+    "coding_rate": "1/2 logdet(I_N + d/(N eps) Y Y^T), Y = rownorm(LN(Z^l))",
+    "rate_reduction": "coding_rate - coding_rate_c",
+    "l0": "||Z^{l+1}||_0 / N (nonzeros per token of the ISTA codes)",
+    "objective": "coding_rate_c + lambda * l0 - coding_rate",
+    "sparsity": "fraction of exact zeros of Z^{l+1} over N*d entries (CLS included)",
+    "density": "1 - sparsity", "l1_over_l0": "||Z^{l+1}||_1 / ||Z^{l+1}||_0",
+    "aggregation": "per image, then mean and std (ddof=0) over images; eps = 0.01 plays eps^2",
+}
+
+
+def _write_csv(rows: list[dict], path: str) -> str:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  f = flags.FLAGS
+  if f.images and f.split:
+    raise app.UsageError("pass either --images or --split, not both")
+  if not f.images:
+    try:
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+      pass
+  try:
+    result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
+                     num_images=f["num-images"].value, layer=f.layer,
+                     image_size=f["image-size"].value)
+  except (AnalyzeError, ckpt_lib.CheckpointError) as e:
+    raise SystemExit(f"crate_jax.analyze: {e}") from None  # one line, exit status 1
+  print(json.dumps(result["paths"], indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.")
+  flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
+  flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
+  flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
+  flags.DEFINE_integer("num-images", 8, "Number of images.")
+  flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
+  flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
+  flags.DEFINE_alias("num_images", "num-images")
+  flags.DEFINE_alias("image_size", "image-size")
+  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+  app.run(main)

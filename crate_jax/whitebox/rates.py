@@ -1,0 +1,90 @@
+"""Coding rates of token sets: R(Z), R^c(Z; U_[K]), Delta R and the sparse rate reduction objective.
+
+Conventions (all functions here):
+  * Z is row-major, (..., N, d): N tokens of dimension d (the paper writes Z in R^{d x N}; its
+    Z Z^T is our Z^T Z). Leading axes are batch axes, so everything is batchable (and vmappable).
+  * `eps_sq` is the squared distortion eps^2 of the paper. The official CRATE measurement calls it
+    `eps` and uses 0.01 (i.e. eps = 0.1); OFFICIAL_EPS_SQ = 0.01 is that value.
+  * logdet(I_d + a Z^T Z) = logdet(I_N + a Z Z^T) (Sylvester), so the smaller Gram matrix is used,
+    and the log-determinant is taken through a Cholesky factor (the matrix is >= I, so always SPD).
+  * Rates are in nats (natural log), as in the official code.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+OFFICIAL_EPS_SQ = 0.01
+
+
+def logdet_i_plus(G: jax.Array, alpha) -> jax.Array:
+  """logdet(I + alpha G) for symmetric PSD G (..., m, m): 2 sum log diag chol(I + alpha G)."""
+  m = G.shape[-1]
+  chol = jnp.linalg.cholesky(jnp.eye(m, dtype=G.dtype) + alpha * G)
+  return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
+
+def gram(Z: jax.Array) -> jax.Array:
+  """The smaller Gram matrix of Z (..., N, d): Z^T Z (d x d) if d <= N, else Z Z^T (N x N)."""
+  n, d = Z.shape[-2:]
+  Zt = jnp.swapaxes(Z, -1, -2)
+  return Zt @ Z if d <= n else Z @ Zt
+
+
+def coding_rate(Z: jax.Array, eps_sq: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """R(Z) = 1/2 logdet(I + d / (N eps^2) Z^T Z) for Z (..., N, d); returns shape (...)."""
+  n, d = Z.shape[-2:]
+  Z = Z.astype(jnp.promote_types(Z.dtype, jnp.float32))
+  return 0.5 * logdet_i_plus(gram(Z), d / (n * eps_sq))
+
+
+def project(Z: jax.Array, U: jax.Array) -> jax.Array:
+  """U_k^T Z for every subspace: Z (..., N, d), U (d, K, p) -> (..., K, N, p)."""
+  return jnp.einsum("...nd,dkp->...knp", Z, U.astype(Z.dtype))
+
+
+def compression_rate(Z: jax.Array, U: jax.Array, eps_sq: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """R^c(Z; U_[K]) = sum_k R(U_k^T Z) = 1/2 sum_k logdet(I + p/(N eps^2) (U_k^T Z)^T (U_k^T Z)).
+
+  Z (..., N, d); U (d, K, p), the layout of the model's `mssa/U` parameter. Returns shape (...).
+  """
+  return jnp.sum(coding_rate(project(Z, U), eps_sq), axis=-1)
+
+
+def rate_reduction(Z: jax.Array, U: jax.Array, eps_sq: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """Delta R(Z; U_[K]) = R(Z) - R^c(Z; U_[K]) (paper normalisations: d/(N eps^2) vs p/(N eps^2))."""
+  return coding_rate(Z, eps_sq) - compression_rate(Z, U, eps_sq)
+
+
+def l0_per_token(Z: jax.Array) -> jax.Array:
+  """||Z||_0 / N: the mean number of nonzero coordinates per token, Z (..., N, d) -> (...)."""
+  return jnp.sum(Z != 0, axis=(-2, -1)).astype(jnp.float32) / Z.shape[-2]
+
+
+def sparse_rate_reduction(Z: jax.Array, U: jax.Array, lambd: float,
+                          eps_sq: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """The objective CRATE's layers descend: R^c(Z; U_[K]) + lambda ||Z||_0 / N - R(Z)."""
+  return compression_rate(Z, U, eps_sq) + lambd * l0_per_token(Z) - coding_rate(Z, eps_sq)
+
+
+def normalize_tokens(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||_2, eps) along `axis` (torch.nn.functional.normalize)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def compression_rate_measured(features: jax.Array, eps: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """The official per-image R^c: features (..., N, K, p) = U_k^T LN(Z^l) -> (...).
+
+  X_k = the tokens of head k l2-normalised over p (CLS token included);
+  R^c = 1/2 sum_k logdet(I_N + p / (N eps) X_k X_k^T), eps = 0.01 playing eps^2.
+  """
+  X = jnp.moveaxis(normalize_tokens(features), -2, -3)  # (..., K, N, p)
+  return jnp.sum(coding_rate(X, eps), axis=-1)
+
+
+def coding_rate_measured(Z: jax.Array, eps: float = OFFICIAL_EPS_SQ) -> jax.Array:
+  """R of a layer representation in the same convention: tokens l2-normalised over d,
+  R = 1/2 logdet(I + d / (N eps) Z^T Z), eps = 0.01 playing eps^2. Z (..., N, d) -> (...)."""
+  return coding_rate(normalize_tokens(Z), eps)
