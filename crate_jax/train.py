@@ -155,6 +155,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
+  if start >= p.total_steps:
+    logging.warning("%s already holds the final step %d: nothing to train (a new --workdir "
+                    "starts over)", workdir, start)
+    ckpts.close()
+    return {}
+
   train_step = jax.jit(
       steps.make_train_step(p.model, tx, task=p.task, label_smoothing=config.label_smoothing,
                             grad_accum_steps=config.grad_accum_steps),
