@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache = False            # cache decoded examples in RAM: small datasets only
   c.data.threads = 0              # tf.data private thread pool size; 0 = TF's default
   c.data.prefetch = 2             # batches prefetched to device
+  c.data.read_retries = 5         # transient read errors (e.g. GCS): retries in a row, then
+                                  # DataReadError; a batch read resets the count
+  c.data.retry_backoff_s = 1.0    # wait before retry i: retry_backoff_s * 2**(i-1), max 60 s
 
   # Optimisation. Per-step warm-up + cosine (the official code steps its schedule per epoch).
   c.batch_size = 512              # global, over all processes and devices

@@ -7,6 +7,8 @@
   to_global(batch, sharding), prefetch_to_device(iterator, sharding, size=2)  -> global jax.Arrays
   check_batch_size(global_batch_size, num_devices, process_count=None)
   num_examples(data_cfg, split)
+  DataReadError: an unreadable file (corrupt, missing) or transient read errors that outlasted
+                 config.data.read_retries; both iterators retry transient errors (data/retry.py)
 
 TensorFlow is imported on first use of a pipeline function, not with this package.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 from crate_jax.data.device import check_batch_size, prefetch_to_device, to_global
+from crate_jax.data.retry import DataReadError
 
 _LAZY = {
     "train_iterator": "pipeline",
@@ -26,7 +29,7 @@ _LAZY = {
     "EmbeddedMnist": "embedded",
 }
 
-__all__ = ["check_batch_size", "prefetch_to_device", "to_global", *_LAZY]
+__all__ = ["DataReadError", "check_batch_size", "prefetch_to_device", "to_global", *_LAZY]
 
 
 def __getattr__(name):

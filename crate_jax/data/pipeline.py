@@ -9,11 +9,17 @@ an epoch has S = n // b steps and batch k is batch k mod S of epoch e = k // S. 
 Nothing depends on where iteration started, so train_iterator(start_step=k) starts at epoch k // S,
 drops that epoch's first (k mod S) * b records before they are decoded or augmented, and yields
 exactly the batches an uninterrupted iterator yields from step k on.
+
+Both iterators retry transient read errors (crate_jax.data.retry; config.data.read_retries and
+retry_backoff_s): the pipeline is rebuilt at the failed batch (train: start_step=k; eval: the pass
+with its first k batches skipped), so the batches are the same as without the error. An unreadable
+file (corrupt, missing, or retries used up) raises DataReadError naming it.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Iterator
 
 import jax
@@ -21,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from crate_jax.data import datasets, mix, preprocess, randaugment
+from crate_jax.data import datasets, mix, preprocess, randaugment, retry
 from crate_jax.data.device import check_batch_size
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -54,6 +60,27 @@ def _key(*parts: int) -> tf.Tensor:
   """A stateless-RNG key (2,) int64 from the integers `parts`."""
   state = np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(2)
   return tf.constant(state.astype(np.int64))
+
+
+def _read(ds: tf.data.Dataset):
+  """Iterate a pipeline as numpy: where its read errors surface (tests inject faults here)."""
+  return ds.as_numpy_iterator()
+
+
+def _resilient(cfg, open_at, start: int, split: str, pi: int, pc: int, position: str,
+               drop_remainder: bool):
+  """retry.resilient over open_at, with config.data's retry settings."""
+  data_dir = datasets.resolve_data_dir(cfg)
+  what = (f"{cfg.name}:{split}" + (f" of process {pi} of {pc}" if pc > 1 else "")
+          + f", data_dir {data_dir or 'tfds default'}")
+
+  def files():
+    shard = tfds.even_splits(split, n=pc, drop_remainder=drop_remainder)[pi]
+    instructions = datasets.get_builder(cfg).info.splits[shard].file_instructions
+    return [str(f.filename) for f in instructions]
+  return retry.resilient(open_at, start, retry.Source(what, position, files),
+                         retries=int(_get(cfg, "read_retries", 5)),
+                         backoff_s=float(_get(cfg, "retry_backoff_s", 1.0)))
 
 
 def _options(cfg) -> tf.data.Options:
@@ -129,9 +156,18 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: i
   """Infinite host-local batches {"image" f32 (b,H,W,3), "label" i32 (b,), "labels" f32 (b,K)}.
 
   b = global_batch_size // process_count. Batch k is a function of (dataset, config, seed, k,
-  process_index, process_count) only, so start_step=k resumes exactly.
+  process_index, process_count) only, so start_step=k resumes exactly (and a transient read error
+  at step k is retried by rebuilding at start_step=k).
   """
   pi, pc = _process(process_index, process_count)
+  open_at = functools.partial(_open_train, data_cfg, global_batch_size, int(seed), pi=pi, pc=pc)
+  return _resilient(data_cfg, open_at, int(start_step), data_cfg.train_split, pi, pc,
+                    "train step", drop_remainder=True)
+
+
+def _open_train(data_cfg, global_batch_size: int, seed: int, start_step: int, *, pi: int,
+                pc: int):
+  """The train batches from start_step (checks the config and reads the metadata now)."""
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
@@ -145,7 +181,7 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: i
   if n < local:
     raise ValueError(f"process {pi} holds {n} examples of {data_cfg.name}:{data_cfg.train_split}"
                      f", fewer than one local batch of {local}")
-  plan = _TrainPlan(data_cfg, builder, shard, n, local, int(seed), pi, pc)
+  plan = _TrainPlan(data_cfg, builder, shard, n, local, seed, pi, pc)
   if cached is not None:
     return _cached_batches(plan, cached, int(start_step))
   return _streamed_batches(plan, int(start_step))
@@ -208,7 +244,7 @@ def _cached_batches(plan: _TrainPlan, cached, start_step: int):
   epoch, skip = divmod(start_step, plan.steps)
   epochs = tf.data.Dataset.range(epoch, 2**62)
   triples = epochs.flat_map(lambda e: _epoch_records(cached, plan, e)).skip(skip * plan.local)
-  yield from _batches(triples, plan, start_step, _train_example_fn(plan.cfg)).as_numpy_iterator()
+  yield from _read(_batches(triples, plan, start_step, _train_example_fn(plan.cfg)))
 
 
 def _streamed_batches(plan: _TrainPlan, start_step: int):
@@ -224,7 +260,7 @@ def _streamed_batches(plan: _TrainPlan, start_step: int):
     triples = _epoch_records(records, plan, epoch).skip(skip * plan.local)
     count = 0
     ds = _batches(triples, plan, epoch * plan.steps + skip, example_fn)
-    for batch in ds.as_numpy_iterator():
+    for batch in _read(ds):
       count += 1
       yield batch
     if count == 0:
@@ -232,11 +268,16 @@ def _streamed_batches(plan: _TrainPlan, start_step: int):
     epoch, skip = epoch + 1, 0
 
 
-def _eval_records(builder, shard, cfg, pi, pc) -> tf.data.Dataset:
-  """Records in file order; with config.data.cache decoded once and kept across eval passes."""
+def _eval_records(builder, shard, cfg, pi, pc, fresh: bool = False) -> tf.data.Dataset:
+  """Records in file order; with config.data.cache decoded once and kept across eval passes.
+
+  fresh: drop the kept records (a retry must not reuse a cache that a failed pass was filling).
+  """
   if not cfg.cache:
     return _records(builder, shard)
   key = (str(builder.data_dir), str(shard), pi, pc)
+  if fresh:
+    _EVAL_CACHE.pop(key, None)
   if key not in _EVAL_CACHE:
     _EVAL_CACHE[key] = _decoded(_records(builder, shard))
     while len(_EVAL_CACHE) > 4:
@@ -250,11 +291,22 @@ def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
   """One pass over `split` (default config.data.eval_split): full batches plus "mask" f32 (b,).
 
   Every process yields ceil(largest shard / b) batches; padding rows are zeros with mask 0.
+  A transient read error at batch k is retried by rebuilding the pass with k batches skipped.
   """
   pi, pc = _process(process_index, process_count)
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
-  builder = datasets.get_builder(data_cfg)
   split = split or data_cfg.eval_split
+  opened = []
+
+  def open_at(start):
+    opened.append(start)
+    return _open_eval(data_cfg, local, split, pi, pc, start, fresh=len(opened) > 1)
+  return _resilient(data_cfg, open_at, 0, split, pi, pc, "eval batch", drop_remainder=False)
+
+
+def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, fresh: bool):
+  """The eval pass from batch `start` on (reads the metadata now)."""
+  builder = datasets.get_builder(data_cfg)
   shards = tfds.even_splits(split, n=pc, drop_remainder=False)
   num_batches = -(-max(datasets.split_size(builder, s) for s in shards) // local)
   size, resize_to = int(data_cfg.image_size), int(data_cfg.eval_resize)
@@ -265,18 +317,22 @@ def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
     return {"image": preprocess.normalize(image, data_cfg.mean, data_cfg.std), "label": ex["label"],
             "labels": tf.one_hot(ex["label"], data_cfg.num_classes, dtype=tf.float32)}
 
-  ds = _eval_records(builder, shards[pi], data_cfg, pi, pc).map(fn, num_parallel_calls=AUTOTUNE)
-  ds = ds.batch(local).prefetch(AUTOTUNE).with_options(_options(data_cfg))
+  records = _eval_records(builder, shards[pi], data_cfg, pi, pc, fresh)
+  if start:
+    records = records.skip(start * local)  # before decoding: record order is fixed
+  ds = records.map(fn, num_parallel_calls=AUTOTUNE).batch(local)
+  ds = ds.prefetch(AUTOTUNE).with_options(_options(data_cfg))
   empty = {"image": np.zeros((local, size, size, 3), np.float32),
            "label": np.zeros((local,), np.int32),
            "labels": np.zeros((local, data_cfg.num_classes), np.float32)}
-  return _padded(ds, empty, num_batches)
+  return _padded(ds, empty, num_batches, start)
 
 
-def _padded(ds, empty, num_batches):
+def _padded(ds, empty, num_batches, start: int = 0):
+  """Batches start, start + 1, ... of the pass, padded to full batches with mask 0 rows."""
   local = len(empty["label"])
-  count = 0
-  for batch in ds.as_numpy_iterator():
+  count = start
+  for batch in _read(ds):
     n = len(batch["label"])
     out = {k: np.concatenate([v, empty[k][n:]]) if n < local else v for k, v in batch.items()}
     out["mask"] = (np.arange(local) < n).astype(np.float32)
