@@ -60,19 +60,29 @@ class PatchEmbed(nn.Module):
 
 
 class MSSA(nn.Module):
-  """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v)."""
+  """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v).
+
+  init: "torch" (nn.Linear defaults, the classifier) or "xavier" (xavier-uniform U and W_out,
+  zero b_out, as CRATE-MAE initialises it).
+  """
   dim: int
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  init: str = "torch"
 
   @nn.compact
   def __call__(self, z, return_weights: bool = False):
-    inner = self.heads * self.dim_head
-    U = L.heads_kernel(self, "U", (self.dim, self.heads, self.dim_head), self.dim)
-    w_out = L.heads_kernel(self, "out_kernel", (self.heads, self.dim_head, self.dim), inner)
-    b_out = L.heads_kernel(self, "out_bias", (self.dim,), inner)
+    d, inner = self.dim, self.heads * self.dim_head
+    if self.init == "xavier":
+      inits = (L.xavier_uniform_init(d, inner), L.xavier_uniform_init(inner, d),
+               nn.initializers.zeros)
+    else:
+      inits = (None, None, None)
+    U = L.heads_kernel(self, "U", (d, self.heads, self.dim_head), d, inits[0])
+    w_out = L.heads_kernel(self, "out_kernel", (self.heads, self.dim_head, d), inner, inits[1])
+    b_out = L.heads_kernel(self, "out_bias", (d,), inner, inits[2])
     z, U, w_out, b_out = L.cast(self.dtype, z, U, w_out, b_out)
     return mssa(z, U, w_out, b_out, return_weights=return_weights,
                 implementation=self.attention_impl)
@@ -102,11 +112,12 @@ class CRATELayer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   return_weights: bool = False
+  mssa_init: str = "torch"
 
   @nn.compact
   def __call__(self, z):
     attn_out, features, weights = MSSA(self.dim, self.heads, self.dim_head, self.dtype,
-                                       self.attention_impl, name="mssa")(
+                                       self.attention_impl, self.mssa_init, name="mssa")(
         L.layer_norm("norm_mssa", self.dtype)(z), self.return_weights)
     z_half = z + attn_out
     codes = ISTA(self.dim, self.eta, self.lambd, self.dtype, name="ista")(

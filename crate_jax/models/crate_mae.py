@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax.models import layers as L
-from crate_jax.models.crate import ISTA, mssa
+from crate_jax.models.crate import MSSA, CRATELayer
 
 Dtype = Any
 MAE_NORM_EPS = 1e-6  # encoder_norm / decoder_norm / fc_norm; the block LayerNorms keep torch's 1e-5
@@ -82,47 +82,6 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-class MSSA(nn.Module):
-  """CRATE's MSSA (same `mssa` maths and names U, out_kernel, out_bias) with the MAE init:
-  xavier-uniform U and W_out, zero b_out."""
-  heads: int
-  dim_head: int
-  dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-
-  @nn.compact
-  def __call__(self, z, return_weights: bool = False):
-    d, inner = z.shape[-1], self.heads * self.dim_head
-    U = self.param("U", L.xavier_uniform_init(d, inner), (d, self.heads, self.dim_head))
-    w_out = self.param("out_kernel", L.xavier_uniform_init(inner, d),
-                       (self.heads, self.dim_head, d))
-    b_out = self.param("out_bias", nn.initializers.zeros, (d,))
-    z, U, w_out, b_out = L.cast(self.dtype, z, U, w_out, b_out)
-    return mssa(z, U, w_out, b_out, return_weights=return_weights,
-                implementation=self.attention_impl)
-
-
-class EncoderLayer(nn.Module):
-  """z' = z + MSSA(LN z), then ISTA(LN z') with no outer residual (the CRATE layer)."""
-  heads: int
-  dim_head: int
-  eta: float = 0.1
-  lambd: float = 0.5
-  dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  return_weights: bool = False
-
-  @nn.compact
-  def __call__(self, z):
-    attn, features, weights = MSSA(self.heads, self.dim_head, self.dtype, self.attention_impl,
-                                   name="mssa")(L.layer_norm("norm_mssa", self.dtype)(z),
-                                                self.return_weights)
-    z_half = z + attn
-    codes = ISTA(z.shape[-1], self.eta, self.lambd, self.dtype, name="ista")(
-        L.layer_norm("norm_ista", self.dtype)(z_half))
-    return codes, {"features": features, "attention": weights, "mssa": z_half, "codes": codes}
-
-
 class DecoderLayer(nn.Module):
   """y = D LN(x) (bias-free d x d, "D x" = x D^T in row form), then x <- y - MSSA(LN y)."""
   heads: int
@@ -136,8 +95,8 @@ class DecoderLayer(nn.Module):
     D = self.param("D", L.kaiming_uniform_init(d), (d, d), jnp.float32)
     h, D = L.cast(self.dtype, L.layer_norm("norm_ista", self.dtype)(x), D)
     y = jnp.einsum("bnd,ed->bne", h, D)
-    attn, _, _ = MSSA(self.heads, self.dim_head, self.dtype, self.attention_impl, name="mssa")(
-        L.layer_norm("norm_mssa", self.dtype)(y))
+    attn, _, _ = MSSA(d, self.heads, self.dim_head, self.dtype, self.attention_impl, "xavier",
+                      name="mssa")(L.layer_norm("norm_mssa", self.dtype)(y))
     return y - attn
 
 
@@ -177,11 +136,12 @@ class CRATEMAEEncoder(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim), jnp.float32)
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
     x = jnp.concatenate([cls, x], axis=1) + sincos_pos_embedding(self.dim, grid).astype(x.dtype)
-    layer_cls = L.maybe_remat(EncoderLayer, self.remat)
+    layer_cls = L.maybe_remat(CRATELayer, self.remat)  # the classifier's layer, MAE init
     per_layer = []
     for i in range(self.depth):
-      x, inter = layer_cls(self.heads, self.dim_head, self.eta, self.lambd, self.dtype,
-                           self.attention_impl, return_intermediates, name=f"layer_{i}")(x)
+      x, inter = layer_cls(self.dim, self.heads, self.dim_head, self.eta, self.lambd, self.dtype,
+                           self.attention_impl, return_intermediates, mssa_init="xavier",
+                           name=f"layer_{i}")(x)
       per_layer.append(inter)
     x = L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x)
     if not return_intermediates:
