@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crate_jax import metrics, models, sharding, steps
+from crate_jax import flops, models, sharding, steps
 
 TINY = dict(image_size=32, patch_size=8, dim=64, depth=2, heads=4, dim_head=16, num_classes=10)
 
@@ -76,17 +76,17 @@ def bench_jax(name: str, batch: int, *, dtype: str, steps_: int, warmup: int, re
   sync = lambda out: jax.block_until_ready(out)
   _timeit(run, warmup, sync)
   step_s = _timeit(run, steps_, sync)
-  flops = metrics.train_flops_per_example(model)
-  if flops and forward_only:
-    flops /= 3.0
+  flop_count = flops.train_flops_per_example(model)
+  if flop_count and forward_only:
+    flop_count /= 3.0
   ips = batch / step_s
   out = {"impl": "jax", "model": name, "batch": batch, "dtype": dtype,
          "mode": "forward" if forward_only else "train", "img_per_sec": ips,
          "step_ms": 1e3 * step_s, "compile_s": compile_s, "devices": jax.device_count(),
          "device": jax.devices()[0].device_kind, "peak_mem_gib": _gib(peak_memory_bytes())}
-  if flops:
-    out["tflops_per_device"] = ips * flops / jax.device_count() / 1e12
-    peak = metrics.peak_flops()
+  if flop_count:
+    out["tflops_per_device"] = ips * flop_count / jax.device_count() / 1e12
+    peak = flops.peak_flops()
     if peak:
       out["mfu"] = out["tflops_per_device"] * 1e12 / peak
   return out

@@ -5,13 +5,13 @@ Two tasks share the step: "classification" (logits + label-smoothed cross-entrop
 (No `from __future__ import annotations` here: clu metric Collections read real annotations.)
 """
 
+import functools
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-from clu import metrics as clu_metrics
 
 
 @flax.struct.dataclass
@@ -91,15 +91,24 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
   return train_step
 
 
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  top1: clu_metrics.Average.from_output("top1")
-  top5: clu_metrics.Average.from_output("top5")
+@functools.lru_cache(maxsize=None)
+def eval_metrics_cls():
+  """clu metrics Collection of eval loss / top-1 / top-5 (clu imported only when evaluating)."""
+  from clu import metrics as clu_metrics
+
+  @flax.struct.dataclass
+  class EvalMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    top1: clu_metrics.Average.from_output("top1")
+    top5: clu_metrics.Average.from_output("top5")
+
+  return EvalMetrics
 
 
 def make_eval_step(model, *, task: str = "classification") -> Callable:
   """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples."""
+
+  EvalMetrics = eval_metrics_cls()
 
   def eval_step(params, batch):
     mask = batch["mask"]

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from crate_jax import checkpoint as ckpt_lib
+from crate_jax import flops as flops_lib
 from crate_jax import data as data_lib
 from crate_jax import metrics as metrics_lib
 from crate_jax import models, optim, sharding, steps
@@ -175,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   throughput = metrics_lib.Throughput(config.batch_size,
-                                      metrics_lib.train_flops_per_example(p.model))
+                                      flops_lib.train_flops_per_example(p.model))
   train_iter = data_lib.prefetch_to_device(
       data_lib.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                               start_step=start), data_sh, size=config.data.prefetch)

@@ -1,14 +1,14 @@
 """The benchmark runs at tiny size on CPU (CI keeps it working); FLOP counts match the spec."""
 import pytest
 
-from crate_jax import bench, metrics, models
+from crate_jax import bench, flops, models
 
 
 @pytest.mark.parametrize("name,gmacs", [("crate_tiny", 1.81), ("crate_small", 3.76),
                                         ("crate_base", 6.41), ("crate_large", 21.89)])
 def test_forward_flops_match_the_reference_count(name, gmacs):
   # Matmul MACs per 224px image with the two-matmul ISTA (crate-reference-spec.md, section 6.3).
-  assert metrics.crate_forward_flops(models.get(name)) / 2e9 == pytest.approx(gmacs, rel=5e-3)
+  assert flops.crate_forward_flops(models.get(name)) / 2e9 == pytest.approx(gmacs, rel=5e-3)
 
 
 def test_tiny_benchmark_runs_with_torch_comparison(capsys):
@@ -29,3 +29,13 @@ def test_forward_only_mode():
   (r,) = bench.main(["--tiny", "--models", "crate_base", "--batch", "8", "--steps", "1",
                      "--warmup", "1", "--dtype", "bfloat16", "--forward-only"])
   assert r["mode"] == "forward" and r["img_per_sec"] > 0
+
+
+def test_model_step_and_bench_import_without_the_data_stack():
+  """The GPU image lacks clu, TensorFlow, tfds and ml-collections: the model, the train step
+  and the benchmark must not need them."""
+  import subprocess
+  import sys
+  code = ("import sys\nfor m in ['clu', 'tensorflow', 'tensorflow_datasets', 'ml_collections']:\n"
+          "  sys.modules[m] = None\nimport crate_jax.bench, crate_jax.steps, crate_jax.models\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
