@@ -32,7 +32,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, *, keep: int = 3, best_metric: str | None = "top1",
                async_save: bool = True):
-    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.directory = epath.Path(absolute(workdir)) / CHECKPOINT_DIR
     policies = [ocp.checkpoint_managers.LatestN(keep)]
     if best_metric:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -134,6 +134,12 @@ class Checkpoints:
       self.manager.close()
 
 
+def absolute(path: str) -> str:
+  """Orbax wants absolute paths: make a local path absolute, leave gs:// and the like alone."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -150,7 +156,7 @@ def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
 
 def resolve(path: str) -> epath.Path:
   """A workdir, its checkpoints/ dir or one step dir -> the step dir (latest step if several)."""
-  p = epath.Path(path)
+  p = epath.Path(absolute(path))
   if (p / "state").exists():
     return p
   for base in (p / CHECKPOINT_DIR, p):

@@ -89,6 +89,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   assert ckpt_lib.Checkpoints(str(tmp_path)).latest_step() == 10
 
 
+def test_relative_workdir(tmp_path, data_dir, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # as in README: --workdir workdirs/embedded
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4), os.path.join("w", "run"))
+  assert ckpt_lib.Checkpoints("w/run").latest_step() == 4
+  assert ckpt_lib.load_params("w/run")[1]["step"] == 4
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
   cfg = tiny_config(data_dir, checkpoint_every_steps=2)
   real = train.data_lib.train_iterator
