@@ -155,14 +155,8 @@ class CRATE(nn.Module):
 
   def embed(self, images):
     """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d)."""
-    grid = L.check_images(images, self.patch_size, self.channels)
+    n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
     x = PatchEmbed(self.patch_size, self.dim, self.dtype, name="patch_embed")(images)
-    n = L.num_patches(self.image_size, self.patch_size)
-    if grid[0] * grid[1] != n:
-      raise ValueError(
-          f"images of {images.shape[1]}x{images.shape[2]} give {grid[0] * grid[1]} patches but the "
-          f"model was built for image_size={self.image_size} ({n} patches); build it with the new "
-          "image_size and resize the checkpoint with crate_jax.models.resize_pos_embedding")
     cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, self.dim), jnp.float32)
     pos = self.param("pos_embedding", nn.initializers.normal(1.0), (1, n + 1, self.dim),
                      jnp.float32)
