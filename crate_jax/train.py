@@ -243,6 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"intact: steps {ckpts.finished_steps()}") from e
   finally:
     preemption.restore()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
     _close_quietly(ckpts, writer, failing=not finished)
   return eval_metrics
 

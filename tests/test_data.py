@@ -340,7 +340,8 @@ def test_global_arrays_are_sharded_on_the_data_axis(emb_dir):
   first = next(it)
   np.testing.assert_array_equal(np.asarray(first["image"]), np.asarray(batch["image"]))
   assert next(it)["label"].sharding == sharding
-  it.close()
+  it.close()  # joins the thread and closes the source: no thread left inside tf.data at exit
+  assert not it._thread.is_alive()
   evals = list(data.prefetch_to_device(data.eval_iterator(cfg, global_batch_size=400), sharding))
   assert len(evals) == 3 and float(sum(e["mask"].sum() for e in evals)) == 1000
 

@@ -67,6 +67,13 @@ def _produce(iterator, sharding, q: queue.Queue, stop: threading.Event):
     _put(q, stop, _END)
   except BaseException as e:  # re-raised in the consumer
     _put(q, stop, e)
+  finally:  # release the input pipeline (tf.data) from this thread, before interpreter exit
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      try:
+        close()
+      except Exception:  # noqa: BLE001 - best effort while shutting down
+        pass
 
 
 class _Prefetcher:
@@ -76,8 +83,10 @@ class _Prefetcher:
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._done = False
-    threading.Thread(target=_produce, args=(iterator, sharding, self._queue, self._stop),
-                     daemon=True, name="prefetch_to_device").start()
+    self._thread = threading.Thread(target=_produce,
+                                    args=(iterator, sharding, self._queue, self._stop),
+                                    daemon=True, name="prefetch_to_device")
+    self._thread.start()
 
   def __iter__(self):
     return self
@@ -93,10 +102,13 @@ class _Prefetcher:
       raise StopIteration
     return item
 
-  def close(self):
-    """Stop the background thread (it exits at its next batch)."""
+  def close(self, timeout: float = 30.0):
+    """Stop the background thread and wait (bounded) until it has released the pipeline: a
+    daemon thread still inside tf.data at interpreter exit can abort the process."""
     self._stop.set()
     self._done = True
+    if self._thread is not threading.current_thread():
+      self._thread.join(timeout)
 
   def __del__(self):
     self._stop.set()
