@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import checkpoint as ckpt_lib
+from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import models, whitebox
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

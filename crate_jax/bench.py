@@ -5,7 +5,7 @@
   python -m crate_jax.bench --tiny                                                # CPU smoke
 
 Synthetic data, AdamW, bf16 compute with fp32 params. --vs-torch times the PyTorch reference
-(crate_jax.torch_reference, the architecture the parity tests check) in the same process and
+(crate_jax.interop.torch_reference, the architecture the parity tests check) in the same process and
 prints the ratio.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crate_jax import flops, models, sharding, steps
+from crate_jax import models
+from crate_jax.training import flops, sharding, steps
 
 TINY = dict(image_size=32, patch_size=8, dim=64, depth=2, heads=4, dim_head=16, num_classes=10)
 
@@ -96,7 +97,7 @@ def bench_torch(name: str, batch: int, *, dtype: str, steps_: int, warmup: int, 
                 forward_only: bool, **overrides) -> dict:
   """The PyTorch reference: fused AdamW (on CUDA), autocast to `dtype`, optional torch.compile."""
   import torch
-  from crate_jax.torch_reference import CRATE as TorchCRATE
+  from crate_jax.interop.torch_reference import CRATE as TorchCRATE
   kw = {**models.variant_kwargs(name), **overrides}
   kw = {k: kw[k] for k in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads",
                            "dim_head") if k in kw}

@@ -9,13 +9,14 @@ import json
 import jax
 import jax.numpy as jnp
 
-from crate_jax import checkpoint as ckpt_lib
-from crate_jax import models, sharding, steps
+from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax import models
+from crate_jax.training import sharding, steps
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> dict[str, float]:
   from crate_jax import data as data_lib
-  from crate_jax import train
+  from crate_jax.training import evaluation
   model = models.from_config(config)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
@@ -30,7 +31,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
     with config.unlocked():
       config.data.eval_split = split
   eval_step = jax.jit(steps.make_eval_step(model, task=config.get("task", "classification")))
-  return train.evaluate(eval_step, params, config, sharding.data_sharding(mesh))
+  return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh))
 
 
 def main(argv):

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crate_jax import checkpoint as ckpt_lib
-from crate_jax import flops as flops_lib
+from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax.training import flops as flops_lib
 from crate_jax import data as data_lib
-from crate_jax import metrics as metrics_lib
-from crate_jax import models, optim, sharding, steps
+from crate_jax.training import metrics as metrics_lib
+from crate_jax import models
+from crate_jax.training import evaluation, optim, sharding, steps
 
 TASKS = ("classification", "mae")
 HEAD_PARAMS = ("head", "head_norm", "fc_norm")  # re-initialised on a warm start with init_head
@@ -97,15 +98,6 @@ def _warm_start(state, config, abstract_params):
                                        drop_extra=True)
   logging.info("Warm-started params from %s", config.init_from)
   return state.replace(params=params)
-
-
-def evaluate(eval_step, params, config, data_sharding) -> dict[str, float]:
-  """One pass over the eval split; returns {"loss", "top1", "top5"} over real examples."""
-  total = None
-  for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size):
-    m = eval_step(params, data_lib.to_global(batch, data_sharding))
-    total = m if total is None else total.merge(m)
-  return {k: float(v) for k, v in total.compute().items()}
 
 
 class _Preemption:
@@ -221,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % config.eval_every_steps == 0 or last:
         flush(step)
         t = time.perf_counter()
-        eval_metrics = evaluate(eval_step, state.params, config, data_sh)
+        eval_metrics = evaluation.evaluate(eval_step, state.params, config, data_sh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         throughput.pause(time.perf_counter() - t)
       if whitebox and step % config.whitebox_every_steps == 0:

@@ -1,7 +1,8 @@
 """The benchmark runs at tiny size on CPU (CI keeps it working); FLOP counts match the spec."""
 import pytest
 
-from crate_jax import bench, flops, models
+from crate_jax import bench, models
+from crate_jax.training import flops
 
 
 @pytest.mark.parametrize("name,gmacs", [("crate_tiny", 1.81), ("crate_small", 3.76),
@@ -37,5 +38,5 @@ def test_model_step_and_bench_import_without_the_data_stack():
   import subprocess
   import sys
   code = ("import sys\nfor m in ['clu', 'tensorflow', 'tensorflow_datasets', 'ml_collections']:\n"
-          "  sys.modules[m] = None\nimport crate_jax.bench, crate_jax.steps, crate_jax.models\n")
+          "  sys.modules[m] = None\nimport crate_jax.bench, crate_jax.training.steps, crate_jax.models\n")
   subprocess.run([sys.executable, "-c", code], check=True)

@@ -169,7 +169,7 @@ class CRATE(nn.Module):
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=L.torch_linear_init(self.dim),
                       bias_init=L.torch_linear_init(self.dim), name="head")(pre_logits)
-    return logits.astype(jnp.float32), pre_logits
+    return logits.astype(L.at_least_f32(self.dtype)), pre_logits
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

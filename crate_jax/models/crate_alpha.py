@@ -186,7 +186,7 @@ class CRATEAlpha(nn.Module):
     pre_logits = L.layer_norm("encoder_norm", self.dtype, ALPHA_LN_EPS)(tokens)[:, 0]
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.zeros,
-                      name="head")(pre_logits).astype(jnp.float32)
+                      name="head")(pre_logits).astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
     out = L.stack_layers(per_layer)

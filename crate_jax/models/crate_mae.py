@@ -279,7 +279,7 @@ class CRATEMAEClassifier(nn.Module):
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=L.xavier_uniform_init(self.dim, self.num_classes),
                       bias_init=nn.initializers.zeros, name="head")(pre_logits)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
     return logits, dict(inter, tokens=tokens, pre_logits=pre_logits)

@@ -91,7 +91,7 @@ def subspace_attention(w: jax.Array, *, return_weights: bool = False,
     # multiple of 16 and mask the padding out as keys (key_value_seq_lengths), then slice.
     pad_to = 16 if implementation == "cudnn" else 1
     return fused_attention(w, scale, implementation, pad_to), None
-  logits = jnp.einsum("bqhd,bkhd->bhqk", w, w, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("bqhd,bkhd->bhqk", w, w, preferred_element_type=at_least_f32(w.dtype)) * scale
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(w.dtype), w)
   return out, (weights if return_weights else None)
@@ -124,6 +124,11 @@ def maybe_remat(cls, remat: bool):
 def stack_layers(per_layer: Sequence[dict]) -> dict:
   """[{name: array} per layer] -> {name: array stacked on a new leading layer axis}."""
   return {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+
+
+def at_least_f32(dtype: Dtype) -> Dtype:
+  """float32 for low-precision compute dtypes, float64 when computing in float64 (parity tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def cast(dtype: Dtype, *xs):
@@ -190,7 +195,7 @@ def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weig
   if not return_weights and implementation is not None:
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
     return out, None
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=at_least_f32(q.dtype)) * scale
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out, (weights if return_weights else None)

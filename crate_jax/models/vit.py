@@ -120,7 +120,7 @@ class ViT(nn.Module):
       per_layer.append(inter)
     normed = L.layer_norm("norm", self.dtype, VIT_LN_EPS)(x)
     pre_logits = normed[:, 0] if self.pool == "cls" else normed[:, 1:].mean(axis=1)
-    logits = _dense(self.num_classes, self.dtype, "head")(pre_logits).astype(jnp.float32)
+    logits = _dense(self.num_classes, self.dtype, "head")(pre_logits).astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
     out = L.stack_layers(per_layer)

@@ -14,12 +14,11 @@ import pytest
 from PIL import Image
 
 from crate_jax import analyze as analyze_lib
-from crate_jax import checkpoint as ckpt_lib
+from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import config_lib, models, whitebox
 from crate_jax.whitebox import figures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMBEDDED = os.path.join(ROOT, "configs", "embedded.py")
+from tests.helpers import EMBEDDED
 ARCH = dict(image_size=28, patch_size=4, num_classes=10, dim=64, depth=4, heads=4, dim_head=16)
 MEAN, STD = 0.1307, 0.3081
 

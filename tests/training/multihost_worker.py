@@ -1,4 +1,4 @@
-"""One process of the 2-process multi-host test (run by tests/test_train.py, not by pytest)."""
+"""One process of the 2-process multi-host test (run by tests/training/test_loop.py, not by pytest)."""
 import json
 import sys
 
@@ -6,6 +6,6 @@ from crate_jax import train
 
 if __name__ == "__main__":
   train.maybe_initialize_distributed()  # before any JAX computation
-  from tests.test_train import tiny_config
+  from tests.helpers import tiny_config
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
   train.train_and_evaluate(tiny_config(overrides["data.data_dir"], **overrides), workdir)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from crate_jax import CRATE, convert, evaluate, models, train
-from crate_jax import checkpoint as ckpt_lib
-from tests.test_train import tiny_config
+from crate_jax.training import checkpoint as ckpt_lib
+from tests.helpers import tiny_config
 
 torch = pytest.importorskip("torch")
-from crate_jax.torch_reference import CRATE as TorchCRATE  # noqa: E402
+from crate_jax.interop.torch_reference import CRATE as TorchCRATE  # noqa: E402
 
 # A small model of the official architecture at the embedded dataset's 28 px.
 ARCH = dict(image_size=28, patch_size=7, num_classes=10, dim=32, depth=2, heads=2, dim_head=16)

@@ -2,7 +2,6 @@
 resume, per-process shards, mixup / cutmix, global arrays on 8 simulated devices, clear errors."""
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from crate_jax import config_lib
 from crate_jax import data
 from crate_jax.data import datasets, embedded, mix, preprocess, randaugment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 MOCK_N = 24  # mock_data yields 24 examples for any split; the metadata says the same
 MOCK_SIZES = {"imagenet2012": {"train": MOCK_N, "validation": MOCK_N},
               "cifar10": {"train": MOCK_N, "test": MOCK_N}}
@@ -279,7 +278,7 @@ def test_embedded_resume_across_epoch_with_cache(emb_dir):
 RESUME_SCRIPT = """
 import hashlib, json, sys
 from crate_jax import data
-from tests.test_data import emb_cfg
+from tests.data.test_pipeline import emb_cfg
 out = {}
 for cache in (True, False):
   it = data.train_iterator(emb_cfg(sys.argv[1], cache=cache, flip=True), global_batch_size=128,

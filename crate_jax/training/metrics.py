@@ -8,7 +8,7 @@ import time
 import jax
 from clu import metric_writers
 
-from crate_jax.flops import peak_flops
+from crate_jax.training.flops import peak_flops
 
 class JsonlWriter(metric_writers.interface.MetricWriter):
   """One JSON object per write_scalars call, appended to <workdir>/metrics.jsonl."""

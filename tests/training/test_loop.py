@@ -11,36 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from crate_jax import checkpoint as ckpt_lib
-from crate_jax import config_lib, metrics, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMBEDDED = os.path.join(ROOT, "configs", "embedded.py")
-
-
-def tiny_config(data_dir, **overrides):
-  """configs/embedded.py shrunk: a 2-layer CRATE, batch 64, a few steps."""
-  base = {"model.kwargs": dict(image_size=28, patch_size=7, num_classes=10, dim=32, depth=2,
-                               heads=2, dim_head=16),
-          "data.data_dir": str(data_dir), "batch_size": 64, "eval_batch_size": 200,
-          "num_train_steps": 10, "log_every_steps": 1, "eval_every_steps": 1000,
-          "checkpoint_every_steps": 4, "optimizer.warmup_epochs": 0.1}
-  base.update(overrides)
-  return config_lib.load_config(EMBEDDED, **base)
-
+from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax import train
+from tests.helpers import ROOT, final_params, losses, tiny_config
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
-
-
-def losses(workdir):
-  return {r["step"]: r["train/loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "train/loss" in r}
-
-
-def final_params(workdir):
-  return ckpt_lib.load_params(workdir)[0]
 
 
 def test_learns_on_embedded_dataset(tmp_path, data_dir):
@@ -154,7 +131,7 @@ def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
                JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
     procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
+        [sys.executable, os.path.join(ROOT, "tests", "training", "multihost_worker.py"),
          str(tmp_path / "multi"), json.dumps(overrides)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=240)[0] for p in procs]

@@ -1,6 +1,6 @@
 """A training subprocess for the fault-injection tests (not collected by pytest).
 
-  python tests/fault_worker.py WORKDIR OVERRIDES_JSON [PHASE:STEP]
+  python tests/training/fault_worker.py WORKDIR OVERRIDES_JSON [PHASE:STEP]
 
 PHASE:STEP kills this process with SIGKILL: "step:k" right after step k, "save:k" while the
 asynchronous save of step k is being written, "eval:k" in the middle of the eval at step k.
@@ -16,9 +16,9 @@ def _kill():
 
 
 def main():
-  from crate_jax import checkpoint as ckpt_lib
+  from crate_jax.training import checkpoint as ckpt_lib
   from crate_jax import train
-  from tests.test_train import tiny_config
+  from tests.helpers import tiny_config
   workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
   phase, step = (sys.argv[3].split(":") if len(sys.argv) > 3 else ("", "-1"))
   step = int(step)

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from crate_jax import data
 from crate_jax.data import datasets, embedded, pipeline, retry
-from tests.test_data import assert_same, emb_cfg, take
+from tests.data.test_pipeline import assert_same, emb_cfg, take
 
 GCS_FILE = "gs://bucket/tfds/embedded_mnist/1.0.0/embedded_mnist-train.tfrecord-00003-of-00016"
 

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from crate_jax import checkpoint as ckpt_lib
+from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import train
-from tests.test_train import ROOT, final_params, losses, tiny_config
+from tests.helpers import ROOT, final_params, losses, tiny_config
 
 OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4, "eval_every_steps": 6}
 
@@ -33,7 +33,7 @@ def reference(tmp_path_factory, data_dir):
 
 
 def run_worker(workdir, data_dir, fault=None):
-  cmd = [sys.executable, os.path.join(ROOT, "tests", "fault_worker.py"), str(workdir),
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "training", "fault_worker.py"), str(workdir),
          json.dumps({**OVERRIDES, "data.data_dir": data_dir})] + ([fault] if fault else [])
   env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

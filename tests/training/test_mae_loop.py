@@ -5,9 +5,10 @@ import os
 import jax
 import numpy as np
 
-from crate_jax import checkpoint as ckpt_lib
-from crate_jax import config_lib, metrics, train
-from tests.test_train import EMBEDDED, ROOT
+from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax import config_lib, train
+from crate_jax.training import metrics
+from tests.helpers import EMBEDDED, ROOT
 
 ARCH = dict(image_size=28, patch_size=7, dim=32, depth=2, heads=2, dim_head=16)
 

@@ -1,0 +1,30 @@
+"""Shared test helpers: repository paths, the tiny train config, reading a run's outputs."""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBEDDED = os.path.join(ROOT, "configs", "embedded.py")
+TINY_ARCH = dict(image_size=28, patch_size=7, num_classes=10, dim=32, depth=2, heads=2,
+                 dim_head=16)
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/embedded.py shrunk: a 2-layer CRATE, batch 64, a few steps."""
+  from crate_jax import config_lib
+  base = {"model.kwargs": dict(TINY_ARCH),
+          "data.data_dir": str(data_dir), "batch_size": 64, "eval_batch_size": 200,
+          "num_train_steps": 10, "log_every_steps": 1, "eval_every_steps": 1000,
+          "checkpoint_every_steps": 4, "optimizer.warmup_epochs": 0.1}
+  base.update(overrides)
+  return config_lib.load_config(EMBEDDED, **base)
+
+
+def losses(workdir):
+  """{step: train loss} from a run's metrics.jsonl."""
+  from crate_jax.training import metrics
+  return {r["step"]: r["train/loss"]
+          for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+
+def final_params(workdir):
+  from crate_jax.training import checkpoint as ckpt_lib
+  return ckpt_lib.load_params(workdir)[0]
