@@ -7,6 +7,4 @@ from crate_jax import config_lib
 
 
 def get_config():
-  config = config_lib.base_config()
-  config.model.name = "crate_base"
-  return config
+  return config_lib.base_config(model="crate_base")

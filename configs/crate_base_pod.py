@@ -19,7 +19,6 @@ from crate_jax import config_lib
 NUM_CHIPS = 64                  # v4-128 / v5litepod-64 / v5p-128
 PER_DEVICE_BATCH = 64
 GLOBAL_BATCH = NUM_CHIPS * PER_DEVICE_BATCH  # 4096
-IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def scaled_lr(batch_size: int) -> float:
@@ -28,27 +27,18 @@ def scaled_lr(batch_size: int) -> float:
   return base.optimizer.lr * batch_size / base.batch_size
 
 
-def steps_per_epoch(batch_size: int = GLOBAL_BATCH) -> int:
-  """Floor, as the trainer counts: every step is a full batch and the remainder is dropped.
-
-  1,281,167 // 4096 = 312 steps (1,277,952 images; 3,215 left out of each epoch).
-  """
-  return IMAGENET_TRAIN_IMAGES // batch_size
-
-
 def get_config(arg=None):
   if arg:
     raise ValueError(f"configs/crate_base_pod.py takes no argument (got {arg!r})")
-  config = config_lib.base_config()
-  config.model.name = "crate_base"
+  config = config_lib.base_config(model="crate_base")
   config.batch_size = GLOBAL_BATCH
   config.eval_batch_size = GLOBAL_BATCH
   # Linear LR scaling (Goyal et al., 2017): 2e-4 * 4096 / 512 = 1.6e-3.
   config.optimizer.lr = scaled_lr(config.batch_size)
-  # Warm-up stays 20 epochs (= 20 * 312 = 6,240 steps at this batch); the trainer converts epochs to steps.
+  # Warm-up stays 20 epochs; the trainer converts epochs to steps with the dataset's size
+  # (ImageNet: 1,281,167 // 4096 = 312 steps per epoch, so 6,240 warm-up steps).
   config.optimizer.warmup_epochs = 20.0
-  spe = steps_per_epoch(config.batch_size)
   config.log_every_steps = 50
-  config.checkpoint_every_steps = spe         # once per epoch; SIGTERM (preemption) also saves
-  config.eval_every_steps = 10 * spe          # every 10 epochs, and at the end
+  config.checkpoint_every_epochs = 1.0   # SIGTERM (preemption) also saves
+  config.eval_every_epochs = 10.0        # and at the end
   return config

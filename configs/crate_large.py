@@ -9,6 +9,4 @@ from crate_jax import config_lib
 
 
 def get_config():
-  config = config_lib.base_config()
-  config.model.name = "crate_large"
-  return config
+  return config_lib.base_config(model="crate_large")

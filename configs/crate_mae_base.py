@@ -9,6 +9,8 @@ into a classifier afterwards:
   python -m crate_jax.train --config configs/crate_mae_base.py:finetune \\
       --config.init_from=gs://BUCKET/crate_mae_base --workdir gs://BUCKET/crate_mae_base_ft
 """
+import ml_collections
+
 from crate_jax import config_lib
 
 
@@ -23,7 +25,8 @@ def get_config(arg: str = "pretrain"):
   if arg == "pretrain":
     config.task = "mae"
     config.model.name = "crate_mae_base"
-    config.model.kwargs = dict(image_size=224, patch_size=16)
+    config.model.kwargs = ml_collections.ConfigDict(  # no classes: the MAE has no head
+        {"patch_size": 16, "image_size": config.data.get_ref("image_size")})
     config.batch_size = 4096
     config.num_epochs = 800
     config.optimizer.lr = 1.5e-4 * config.batch_size / 256
@@ -32,7 +35,6 @@ def get_config(arg: str = "pretrain"):
     config.eval_every_steps = 10_000
   else:  # the classifier on the pre-trained encoder; its head (fc_norm, head) starts fresh
     config.model.name = "crate_mae_classifier_base"
-    config.model.kwargs = dict(image_size=224, patch_size=16, num_classes=1000)
     config.batch_size = 1024
     config.num_epochs = 100
     config.optimizer.lr = 5e-4 * config.batch_size / 256

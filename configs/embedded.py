@@ -7,10 +7,8 @@ from crate_jax import config_lib
 
 
 def get_config():
-  config = config_lib.base_config()
-  config.model.name = "crate_tiny"
-  config.model.kwargs = dict(image_size=28, patch_size=4, num_classes=10, dim=96, depth=4,
-                             heads=4, dim_head=24)
+  config = config_lib.base_config(model="crate_tiny")
+  config.model.kwargs.update(patch_size=4, dim=96, depth=4, heads=4, dim_head=24)
   config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
 
   config.data.name = "embedded_mnist"

@@ -23,9 +23,7 @@ def get_config(arg: str = "cifar10"):
   if arg not in DATASETS:
     raise ValueError(f"configs/finetune.py:{arg} - dataset must be one of {sorted(DATASETS)}")
   tfds_name, train_split, eval_split, classes, lr, epochs = DATASETS[arg]
-  config = config_lib.base_config()
-  config.model.name = "crate_small"
-  config.model.kwargs.num_classes = classes
+  config = config_lib.base_config(model="crate_small")
   config.data.name = tfds_name
   config.data.train_split = train_split
   config.data.eval_split = eval_split

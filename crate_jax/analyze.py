@@ -11,6 +11,7 @@ size and the checkpoint's positional embedding is resized (bicubic, CLS row kept
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 
@@ -105,17 +106,14 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ model
 def training_image_size(config) -> int:
-  kwargs = dict(config.model.get("kwargs", {}) or {})
-  return int(kwargs.get("image_size", config.data.image_size))
+  return int(config.data.image_size)
 
 
 def build_model(config, image_size: int):
   """The config's model rebuilt for `image_size`, computing in float32."""
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
-    kwargs = dict(cfg.model.get("kwargs", {}) or {})
-    kwargs["image_size"] = image_size
-    cfg.model.kwargs = kwargs
+    cfg.model.kwargs.image_size = image_size
     cfg.compute_dtype = "float32"
   model = models.from_config(cfg)
   if not all(hasattr(model, a) for a in ("patch_size", "depth", "heads")):
@@ -160,7 +158,8 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   normalised = (shown - mean) / std
 
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta = ckpt_lib.load_params(checkpoint, abstract["params"])
+  params, meta = ckpt_lib.load_params_for(
+      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model))
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
   grid = (size // model.patch_size,) * 2

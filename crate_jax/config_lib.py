@@ -1,9 +1,13 @@
 """The one config base every config in configs/ derives from (ml_collections.ConfigDict).
 
-configs/crate_base.py etc. call `base_config()` and override fields; `validate(config)` checks the
-result before anything is compiled, with one clear error naming the offending key.
+configs/crate_base.py etc. call `base_config(model)` and override fields; `validate(config)` (the
+loop calls it once) checks the result before anything is compiled, with one clear error naming
+the offending key. The model's image size and class count are references to the data's
+(`data.image_size`, `data.num_classes`): set them once, in `data`.
 """
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
@@ -11,7 +15,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   """Defaults = the official ImageNet-1K recipe for CRATE (Lion, lr 2e-4, wd 0.05, batch 512)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -19,9 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Model: a registry name plus constructor overrides (see crate_jax.models.get).
   c.model = ml_collections.ConfigDict()
-  c.model.name = "crate_base"
-  c.model.kwargs = ml_collections.ConfigDict({"image_size": 224, "patch_size": 16,
-                                              "num_classes": 1000})
+  c.model.name = model
+  c.model.kwargs = ml_collections.ConfigDict({"patch_size": 16})  # image_size, num_classes: below
   c.compute_dtype = "bfloat16"   # params and optimizer state stay float32
   c.remat = False
 
@@ -33,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.image_size = 224
   c.data.num_classes = 1000
+  # The model is built for the data: one value each, changed with --config.data.image_size=...
+  c.model.kwargs.image_size = c.data.get_ref("image_size")
+  c.model.kwargs.num_classes = c.data.get_ref("num_classes")
   c.data.train_augment = "inception_crop"  # or "resize" (no crop) for tiny images
   c.data.crop_min_area = 0.08
   c.data.flip = True
@@ -79,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.eval_every_steps = 5000       # also at the end
   c.checkpoint_every_steps = 1000
+  c.eval_every_epochs = 0.0       # > 0 overrides eval_every_steps (epochs of the train split)
+  c.checkpoint_every_epochs = 0.0  # > 0 overrides checkpoint_every_steps
   c.keep_checkpoints = 3
   c.init_from = ""                # a checkpoint to warm-start params from (not a resume)
   c.init_head = True              # with init_from: re-initialise the classifier head
@@ -86,6 +94,66 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0             # > 0: clu profile this many steps on process 0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   return c
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped), at least 1."""
+  return max(num_examples // batch_size, 1)
+
+
+def interval_steps(config, steps_per_epoch: int) -> dict[str, int]:
+  """{"eval", "checkpoint", "log"}: the loop's intervals in steps; *_every_epochs wins if > 0."""
+  out = {"log": int(config.log_every_steps)}
+  for name in ("eval", "checkpoint"):
+    epochs = float(config[f"{name}_every_epochs"])
+    out[name] = (max(int(round(epochs * steps_per_epoch)), 1) if epochs > 0
+                 else int(config[f"{name}_every_steps"]))
+  return out
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """num_train_steps if > 0, else ceil(num_epochs * steps_per_epoch)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+TASKS = ("classification", "mae")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(config) -> None:
+  """Every check a config allows without devices or data: one ValueError naming the key."""
+  def need(ok, key, what):
+    if not ok:
+      raise ValueError(f"config.{key}={_value(config, key)!r}: {what}")
+
+  need(config.task in TASKS, "task", f"is not one of {TASKS}")
+  need(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"is not one of {COMPUTE_DTYPES}")
+  for key in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
+    need(isinstance(config[key], int) and config[key] >= 1, key, "must be a positive integer")
+  for key in ("eval_every_epochs", "checkpoint_every_epochs", "whitebox_every_steps",
+              "profile_steps"):
+    need(config[key] >= 0, key, "must be >= 0")
+  need(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
+       "must be > 0 when num_train_steps is not set")
+  need(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+  for key in ("image_size", "num_classes"):
+    model_value = config.model.kwargs.get(key, config.data[key])
+    need(model_value == config.data[key], f"model.kwargs.{key}",
+         f"differs from config.data.{key}={config.data[key]} (set it once, in config.data)")
+  from crate_jax import models  # local: configs load without the model stack
+  from crate_jax.training import optim
+  models.from_config(config)   # unknown model / argument: "config.model: ..."
+  optim.make_optimizer(config.optimizer, 0.0)  # unknown optimizer / decay mask
+
+
+def _value(config, key):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
 
 
 def load_config(path: str, **overrides) -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -25,12 +26,13 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                          sharding=sharding.replicated(mesh)),
                           abstract)
-  params, _ = ckpt_lib.load_params_for(abstract, checkpoint)
+  params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
+                                      adapt=functools.partial(models.adapt_params, model))
   if split:
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.eval_split = split
-  eval_step = jax.jit(steps.make_eval_step(model, task=config.get("task", "classification")))
+  eval_step = jax.jit(steps.make_eval_step(model, task=config.task))
   return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh))
 
 

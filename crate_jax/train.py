@@ -7,9 +7,9 @@ run); SIGTERM saves and exits cleanly; a non-finite loss stops the run before an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -23,11 +23,9 @@ from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import flops as flops_lib
 from crate_jax import data as data_lib
 from crate_jax.training import metrics as metrics_lib
-from crate_jax import models
+from crate_jax import config_lib, models
 from crate_jax.training import evaluation, optim, sharding, steps
 
-TASKS = ("classification", "mae")
-HEAD_PARAMS = ("head", "head_norm", "fc_norm")  # re-initialised on a warm start with init_head
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,6 +41,7 @@ class Plan:
   steps_per_epoch: int
   total_steps: int
   image_shape: tuple
+  every: dict  # {"log", "eval", "checkpoint"} intervals in steps
 
 
 def maybe_initialize_distributed() -> None:
@@ -65,37 +64,31 @@ def maybe_initialize_distributed() -> None:
 
 
 def plan(config: ml_collections.ConfigDict) -> Plan:
-  """Validate the config against the devices and data; one clear error, before any compile."""
-  task = config.get("task", "classification")
-  if task not in TASKS:
-    raise ValueError(f"config.task={task!r} is not one of {TASKS}")
+  """Validate the config (once), then against the devices and data; before any compile."""
+  config_lib.validate(config)
   model = models.from_config(config)
-  optim.make_optimizer(config.optimizer, 0.0)  # raises on unknown optimizer / mask
   mesh = sharding.make_mesh(config.mesh)
   data_lib.check_batch_size(config.batch_size, jax.device_count(), jax.process_count())
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
   per_device = config.batch_size // jax.device_count()
-  if config.grad_accum_steps < 1 or per_device % config.grad_accum_steps:
+  if per_device % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the "
                      f"per-device batch {per_device}")
   num_train = data_lib.num_examples(config.data, config.data.train_split)
-  steps_per_epoch = max(num_train // config.batch_size, 1)
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  spe = config_lib.steps_per_epoch(num_train, config.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, 3)
-  model_size = getattr(model, "image_size", config.data.image_size)
-  if model_size != config.data.image_size:
-    raise ValueError(f"config.model.kwargs.image_size={model_size} differs from "
-                     f"config.data.image_size={config.data.image_size}")
-  return Plan(model, task, mesh, steps_per_epoch, total, image_shape)
+  return Plan(model, config.task, mesh, spe, config_lib.total_steps(config, spe), image_shape,
+              config_lib.interval_steps(config, spe))
 
 
-def _warm_start(state, config, abstract_params):
-  """Params from config.init_from; with init_head the classifier head keeps its fresh init."""
+def _warm_start(state, config, model, abstract_params):
+  """Params from config.init_from, fitted by the model family (e.g. positions resized); with
+  init_head the family's head keeps its fresh init."""
   fresh = {k: v for k, v in jax.device_get(state.params).items()
-           if config.init_head and k in HEAD_PARAMS}
+           if config.init_head and k in models.head_params(model)}
   params, _ = ckpt_lib.load_params_for(abstract_params, config.init_from, keep_fresh=fresh,
-                                       drop_extra=True)
+                                       drop_extra=True,
+                                       adapt=functools.partial(models.adapt_params, model))
   logging.info("Warm-started params from %s", config.init_from)
   return state.replace(params=params)
 
@@ -143,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = 0
     state = jax.jit(init, out_shardings=state_sh)()
     if config.init_from:
-      state = _warm_start(state, config, abstract.params)
+      state = _warm_start(state, config, p.model, abstract.params)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
@@ -164,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metrics_lib.create_writer(workdir)
   from clu import periodic_actions
   hooks = [periodic_actions.ReportProgress(num_train_steps=p.total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)]
+                                           every_steps=p.every["log"])]
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   throughput = metrics_lib.Throughput(config.batch_size,
@@ -208,9 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       for cb in callbacks:
         cb(step, state)
       last = step == p.total_steps
-      if step % config.log_every_steps == 0 or last:
+      if step % p.every["log"] == 0 or last:
         flush(step)
-      if step % config.eval_every_steps == 0 or last:
+      if step % p.every["eval"] == 0 or last:
         flush(step)
         t = time.perf_counter()
         eval_metrics = evaluation.evaluate(eval_step, state.params, config, data_sh)
@@ -219,9 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if whitebox and step % config.whitebox_every_steps == 0:
         writer.write_scalars(step, whitebox(state.params))
       preempted = preemption.requested or ckpts.reached_preemption(step)
-      if step % config.checkpoint_every_steps == 0 or last or preempted:
+      if step % p.every["checkpoint"] == 0 or last or preempted:
         flush(step)
-        at_eval = step % config.eval_every_steps == 0 or last
+        at_eval = step % p.every["eval"] == 0 or last
         save(step, {"top1": eval_metrics["top1"]} if at_eval and eval_metrics else None)
       if preempted:
         logging.warning("Saved step %d after a preemption signal; exiting", step)

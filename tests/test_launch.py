@@ -423,8 +423,9 @@ def test_pod_config_batch_lr_steps():
   assert config.batch_size % module.NUM_CHIPS == 0 and config.eval_batch_size % module.NUM_CHIPS == 0
   assert config.model.name == "crate_base"
   # Floor: the trainer drops the last partial batch of each epoch.
-  assert module.steps_per_epoch() == math.floor(1_281_167 / 4096) == 312
-  assert config.checkpoint_every_steps == 312
+  spe = config_lib.steps_per_epoch(1_281_167, config.batch_size)
+  assert spe == math.floor(1_281_167 / 4096) == 312
+  assert config_lib.interval_steps(config, spe) == {"checkpoint": 312, "eval": 3120, "log": 50}
   # Linear scaling rule from the base recipe (2e-4 at batch 512).
   assert base.optimizer.lr == 2e-4 and base.batch_size == 512
   assert math.isclose(config.optimizer.lr, 2e-4 * 4096 / 512) and math.isclose(config.optimizer.lr, 1.6e-3)

@@ -36,12 +36,6 @@ _SHUFFLE, _FILES, _AUGMENT, _MIX = range(1, 5)  # seed stream tags
 _EVAL_CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
-def _get(cfg, key, default):
-  """cfg.key, or default for configs written before the key existed."""
-  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-  return default if value is None else value
-
-
 def _process(process_index, process_count) -> tuple[int, int]:
   pc = jax.process_count() if process_count is None else int(process_count)
   pi = jax.process_index() if process_index is None else int(process_index)
@@ -79,15 +73,15 @@ def _resilient(cfg, open_at, start: int, split: str, pi: int, pc: int, position:
     instructions = datasets.get_builder(cfg).info.splits[shard].file_instructions
     return [str(f.filename) for f in instructions]
   return retry.resilient(open_at, start, retry.Source(what, position, files),
-                         retries=int(_get(cfg, "read_retries", 5)),
-                         backoff_s=float(_get(cfg, "retry_backoff_s", 1.0)))
+                         retries=int(cfg.read_retries),
+                         backoff_s=float(cfg.retry_backoff_s))
 
 
 def _options(cfg) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
-  threads = int(_get(cfg, "threads", 0))
+  threads = int(cfg.threads)
   if threads > 0:
     options.threading.private_threadpool_size = threads
   return options
@@ -116,7 +110,7 @@ def _check_train_cfg(cfg):
                      f"{TRAIN_AUGMENTS}")
   if len(cfg.mean) != 3 or len(cfg.std) != 3:
     raise ValueError("config.data.mean and .std need 3 values (RGB)")
-  randaugment.parse_ops(_get(cfg, "randaugment_ops", "default"))
+  randaugment.parse_ops(cfg.randaugment_ops)
 
 
 def _train_example_fn(cfg):
@@ -124,12 +118,12 @@ def _train_example_fn(cfg):
 
   A tf.function, traced once and reused by every epoch's pipeline.
   """
-  size, antialias = int(cfg.image_size), bool(_get(cfg, "resize_antialias", True))
+  size, antialias = int(cfg.image_size), bool(cfg.resize_antialias)
   area = (float(cfg.crop_min_area), 1.0)
   layers = int(cfg.randaugment_layers)
   ra = dict(num_layers=layers, magnitude=float(cfg.randaugment_magnitude),
-            num_bins=int(_get(cfg, "randaugment_num_bins", 31)),
-            ops=randaugment.parse_ops(_get(cfg, "randaugment_ops", "default")))
+            num_bins=int(cfg.randaugment_num_bins),
+            ops=randaugment.parse_ops(cfg.randaugment_ops))
 
   @tf.function
   def example(epoch_key, index, ex):
@@ -230,8 +224,8 @@ def _batches(triples, plan: _TrainPlan, first_step: int, example_fn) -> tf.data.
   if mixup_alpha > 0 or cutmix_alpha > 0:
     mix_key = plan.key(_MIX)
     kwargs = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                  prob=float(_get(cfg, "mix_prob", 1.0)),
-                  switch_prob=float(_get(cfg, "mix_switch_prob", 0.5)))
+                  prob=float(cfg.mix_prob),
+                  switch_prob=float(cfg.mix_switch_prob))
     ds = ds.enumerate(start=first_step).map(
         lambda step, b: mix.mix_batch(
             b, tf.random.experimental.stateless_fold_in(mix_key, step), **kwargs),
@@ -310,7 +304,7 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
   shards = tfds.even_splits(split, n=pc, drop_remainder=False)
   num_batches = -(-max(datasets.split_size(builder, s) for s in shards) // local)
   size, resize_to = int(data_cfg.image_size), int(data_cfg.eval_resize)
-  antialias = bool(_get(data_cfg, "resize_antialias", True))
+  antialias = bool(data_cfg.resize_antialias)
 
   def fn(ex):
     image = preprocess.eval_image(ex["image"], size, resize_to, antialias)

@@ -1,15 +1,17 @@
-"""Orbax checkpoints: one thin wrapper so the rest of the code never touches Orbax directly.
+"""Orbax checkpoints: one thin wrapper over `CheckpointManager`, the only Orbax API used here.
 
 Layout: <workdir>/checkpoints/<step>/{state, meta}. `state` holds the train state pytree (or just
 {"params": ...} for converted/imported weights), `meta` a JSON dict (config, data position, ...).
-Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it).
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it); steps,
+array metadata, restores and JSON all go through the manager. Nothing here knows a model family:
+warm-start resizing comes in as an `adapt` function (the model's `adapt_params`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -27,32 +29,56 @@ class CheckpointWriteError(OSError):
   """Saving a checkpoint failed (e.g. no space left on the device)."""
 
 
+def _manager(directory: epath.Path, *, policies=(), async_save: bool = False,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=(ocp.checkpoint_managers.AnyPreservationPolicy(list(policies))
+                           if policies else None),
+      enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+      cleanup_tmp_directories=not read_only)
+  # One handler per item, for saving, metadata and restoring alike (a PyTree handler reads what
+  # StandardSave wrote: the on-disk format is the same).
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+
+
 class Checkpoints:
-  """Keep the last `keep` checkpoints plus the one with the best eval metric (`best_metric`)."""
+  """The checkpoints of one workdir: keep the last `keep` plus the best by `best_metric`.
+
+  best_mode "max" keeps the highest metric (top-1), "min" the lowest (a loss). `directory` may
+  also be a checkpoints folder itself (one holding <step>/state); read_only opens it for reading.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 3, best_metric: str | None = "top1",
-               async_save: bool = True):
-    self.directory = epath.Path(absolute(workdir)) / CHECKPOINT_DIR
+               best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+    path = epath.Path(absolute(workdir))
+    self.directory = path if read_only and not (path / CHECKPOINT_DIR).exists() else (
+        path / CHECKPOINT_DIR)
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     policies = [ocp.checkpoint_managers.LatestN(keep)]
     if best_metric:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
-                                         options=options)
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    self.manager = _manager(self.directory, policies=() if read_only else policies,
+                            async_save=async_save and not read_only, read_only=read_only)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  def finished_steps(self) -> list[int]:
+    """Steps whose writes completed, read afresh from storage."""
+    self.manager.reload()
+    return self.all_steps()
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Start an async save of `step` (an error of the previous async save surfaces here)."""
     with self._write_errors(step):
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                       meta=ocp.args.JsonSave(meta)),
                         metrics=metrics, force=True)
 
@@ -64,14 +90,20 @@ class Checkpoints:
     except Exception as e:  # noqa: BLE001 - Orbax wraps I/O errors in several types
       if not is_io_error(e):
         raise
-      done = [s for s in self.finished_steps() if s != step]
+      done = [s for s in self._intact_steps() if s != step]
       raise CheckpointWriteError(
           f"writing a checkpoint in {self.directory} failed ({_first_line(_root(e))}); stopping. "
           f"Earlier checkpoints are intact: steps {done}") from e
 
-  def finished_steps(self) -> list[int]:
-    return sorted(int(c.name) for c in self.directory.iterdir()
-                  if c.name.isdigit() and (c / "state").exists())
+  def _intact_steps(self) -> list[int]:
+    try:
+      return self.finished_steps()
+    except Exception:  # noqa: BLE001 - reporting only
+      return []
+
+  def saved_tree(self, step: int) -> Any:
+    """The saved `state` tree of `step` as Orbax array metadata (shapes, dtypes); no arrays read."""
+    return self.manager.item_metadata(step)["state"]
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings).
@@ -79,15 +111,26 @@ class Checkpoints:
     A checkpoint of another model/config raises CheckpointError naming the mismatched leaves
     (checked on the saved metadata, before reading any array).
     """
-    saved = saved_tree(self.directory / str(step))
     try:
-      check_compatible(abstract_state, saved, what=f"checkpoint step {step} in {self.directory}")
+      check_compatible(abstract_state, self.saved_tree(step),
+                       what=f"checkpoint step {step} in {self.directory}")
     except CheckpointError as e:
       raise CheckpointError(
           f"{e}. Refusing to resume: use a new --workdir, or warm-start from it with "
           f"--config.init_from={self.directory / str(step)}") from None
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state)),
+        meta=ocp.args.JsonRestore()))
+    return out.state, dict(out.meta)
+
+  def restore_host(self, step: int) -> tuple[Any, dict]:
+    """The saved state as host numpy arrays (any topology it was written on) and its meta."""
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            self.saved_tree(step))
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict]:
@@ -154,58 +197,52 @@ def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
   return str(ckpt.directory / str(step))
 
 
-def resolve(path: str) -> epath.Path:
-  """A workdir, its checkpoints/ dir or one step dir -> the step dir (latest step if several)."""
+@contextlib.contextmanager
+def open_checkpoint(path: str):
+  """A workdir, its checkpoints/ folder or one step folder -> (reader, step), the latest step
+  unless a step folder is named. Raises CheckpointError naming the path if there is none."""
   p = epath.Path(absolute(path))
-  if (p / "state").exists():
-    return p
-  for base in (p / CHECKPOINT_DIR, p):
-    if base.exists():
-      steps = sorted(int(c.name) for c in base.iterdir() if c.name.isdigit()
-                     and (c / "state").exists())
-      if steps:
-        return base / str(steps[-1])
-  raise CheckpointError(f"no checkpoint found at {path} (looked for <step>/state under {p} and "
-                        f"{p / CHECKPOINT_DIR})")
+  step = None
+  if p.name.isdigit() and (p / "state").exists():
+    p, step = p.parent, int(p.name)
+  if not p.exists():
+    raise CheckpointError(f"no checkpoint found at {path}: no such folder")
+  reader = Checkpoints(os.fspath(p), read_only=True)
+  try:
+    steps = reader.all_steps()
+    if step is None and steps:
+      step = steps[-1]
+    if step is None or step not in steps:
+      raise CheckpointError(f"no checkpoint found at {path} (looked for <step>/state under "
+                            f"{reader.directory})")
+    yield reader, step
+  finally:
+    reader.close()
 
 
-def saved_tree(step_dir) -> Any:
-  """The saved `state` tree of a step directory as Orbax array metadata (shapes, dtypes)."""
-  path = os.fspath(epath.Path(step_dir) / "state")
-  return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+def resolve(path: str) -> epath.Path:
+  """The step folder `path` stands for (see `open_checkpoint`)."""
+  with open_checkpoint(path) as (reader, step):
+    return reader.directory / str(step)
 
 
-def load_params(path: str, abstract_params: Any = None) -> tuple[Any, dict]:
-  """Params (and meta) from any of our checkpoints: train state or params-only.
-
-  With `abstract_params` (e.g. jax.eval_shape of the model's params) the result is fitted and
-  checked as in `load_params_for`; without it the raw arrays are returned.
-  """
-  if abstract_params is not None:
-    return load_params_for(abstract_params, path)
-  step_dir = resolve(path)
-  # Restore as host numpy arrays: independent of the topology the checkpoint was written on.
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree(step_dir))
-  tree = ocp.PyTreeCheckpointer().restore(os.fspath(step_dir / "state"),
-                                          args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  meta = {}
-  if (step_dir / "meta").exists():
-    meta = dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        os.fspath(step_dir / "meta")))
+def load_params(path: str) -> tuple[Any, dict]:
+  """Params (host numpy arrays) and meta from any of our checkpoints: train state or params-only."""
+  with open_checkpoint(path) as (reader, step):
+    tree, meta = reader.restore_host(step)
   return tree["params"], meta
 
 
-def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None,
-                    drop_extra: bool = False):
+def load_params_for(abstract_params: Any, path: str, *, adapt: Callable | None = None,
+                    keep_fresh: Any = None, drop_extra: bool = False):
   """Params from `path` fitted to a model whose params look like `abstract_params`.
 
-  The positional embedding is resized (bicubic, cls row kept) when the patch grid differs;
-  top-level subtrees named in `keep_fresh` (a dict of fresh params, e.g. a new classifier head)
-  replace the loaded ones; with drop_extra, top-level subtrees the model does not have (e.g. a
-  CRATE-MAE decoder when fine-tuning its encoder) are left out. Shapes are then checked leaf by leaf.
+  With drop_extra, top-level subtrees the model does not have (e.g. a CRATE-MAE decoder when
+  fine-tuning its encoder) are left out; top-level subtrees named in `keep_fresh` (a dict of
+  fresh params, e.g. a new classifier head) replace the loaded ones; `adapt(params,
+  abstract_params)` (the model family's `adapt_params`, e.g. a positional-embedding resize)
+  fits what the family knows how to fit. Shapes are then checked leaf by leaf.
   """
-  import math
-  from crate_jax.models import resize_pos_embedding
   params, meta = load_params(path)
   params = dict(params)
   if drop_extra:
@@ -213,13 +250,9 @@ def load_params_for(abstract_params: Any, path: str, *, keep_fresh: Any = None,
     if extra:
       logging.info("not loading %s from %s (the model has no such parameters)", extra, path)
     params = {k: v for k, v in params.items() if k in abstract_params}
-  for name, value in (keep_fresh or {}).items():
-    params[name] = value
-  want = abstract_params.get("pos_embedding")
-  have = params.get("pos_embedding")
-  if want is not None and have is not None and tuple(have.shape) != tuple(want.shape):
-    grid = int(round(math.sqrt(want.shape[1] - 1)))
-    params["pos_embedding"] = resize_pos_embedding(have, grid)
+  params.update(keep_fresh or {})
+  if adapt is not None:
+    params = dict(adapt(params, abstract_params))
   check_compatible(abstract_params, params, what=f"checkpoint {path}")
   return jax.tree.map(
       lambda a, x: jax.device_put(jax.numpy.asarray(x, a.dtype), getattr(a, "sharding", None)),

@@ -32,10 +32,9 @@ def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """-sum_c y_c log softmax(logits)_c with y = (1 - s) labels + s / C (per example)."""
-  num_classes = logits.shape[-1]
-  targets = labels * (1.0 - smoothing) + smoothing / num_classes
-  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+  """-sum_c y_c log softmax(logits)_c with y = (1 - s) labels + s / C (per example; optax)."""
+  targets = optax.smooth_labels(labels, smoothing) if smoothing else labels
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def topk_correct(logits: jax.Array, label: jax.Array, k: int) -> jax.Array:

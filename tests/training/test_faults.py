@@ -16,7 +16,8 @@ from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import train
 from tests.helpers import ROOT, final_params, losses, tiny_config
 
-OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4, "eval_every_steps": 6}
+OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4, "eval_every_steps": 6,
+             "keep_checkpoints": 5}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def reference(tmp_path_factory, data_dir):
   """An uninterrupted run: its per-step loss log and final params."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), workdir)
-  return losses(workdir), final_params(workdir)
+  return losses(workdir), final_params(workdir), workdir
 
 
 def run_worker(workdir, data_dir, fault=None):
@@ -40,25 +41,21 @@ def run_worker(workdir, data_dir, fault=None):
 
 
 def assert_same_as_reference(workdir, reference):
-  ref_losses, ref_params = reference
+  ref_losses, ref_params, _ = reference
   assert losses(workdir) == ref_losses
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), ref_params)
 
 
-@pytest.mark.parametrize("fault", ["step:6", "save:8", "eval:6"])
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_dir, reference, fault):
-  killed = run_worker(tmp_path, data_dir, fault)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+def assert_survivors_load(workdir):
+  """After a kill: the save of step 4 is intact, and every surviving step loads cleanly."""
+  ckpts = ckpt_lib.Checkpoints(str(workdir))
   survivors = ckpts.all_steps()
   ckpts.close()
-  assert survivors and 4 in survivors  # the save before the kill is intact...
-  for step in survivors:                # ...and every surviving step loads
-    params, meta = ckpt_lib.load_params(str(tmp_path / "checkpoints" / str(step)))
+  assert survivors and 4 in survivors, survivors
+  for step in survivors:
+    params, meta = ckpt_lib.load_params(str(workdir / "checkpoints" / str(step)))
     assert meta["step"] == step and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-  resumed = run_worker(tmp_path, data_dir)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert_same_as_reference(str(tmp_path), reference)
+  return survivors
 
 
 def _corrupt(step_dir):
@@ -70,15 +67,45 @@ def _corrupt(step_dir):
         f.truncate(size // 2)
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, data_dir, reference, caplog):
-  killed = run_worker(tmp_path, data_dir, "step:9")
-  assert killed.returncode == -signal.SIGKILL
+def test_sigkill_anywhere_and_a_corrupt_latest_checkpoint_then_resume_exactly(
+    tmp_path, data_dir, reference, caplog):
+  """One workdir, killed again and again, each kill in a process that itself resumed:
+  SIGKILL right after step 6, while the asynchronous save of step 8 is in flight, in the middle
+  of the eval at step 6, and after step 9 (steps 4 and 8 saved) with step 8 then truncated on
+  disk. The final resume falls back to step 4 with one warning, keeps step 8 aside (never
+  deleted), and ends bit-identical to the uninterrupted run: per-step losses and params."""
+  for fault in ("step:6", "save:8", "eval:6", "step:9"):
+    killed = run_worker(tmp_path, data_dir, fault)
+    assert killed.returncode == -signal.SIGKILL, (fault, killed.stderr[-2000:])
+    survivors = assert_survivors_load(tmp_path)
+  assert survivors == [4, 8]
+  # Step 8 was written by a fresh process that resumed from step 4: exactly the reference's.
+  jax.tree.map(np.testing.assert_array_equal,
+               ckpt_lib.load_params(str(tmp_path / "checkpoints" / "8"))[0],
+               ckpt_lib.load_params(os.path.join(reference[2], "checkpoints", "8"))[0])
   _corrupt(tmp_path / "checkpoints" / "8")
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(tmp_path))
   warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
   assert len(warnings) == 1 and warnings[0].startswith("checkpoint step 8 is unreadable")
   assert (tmp_path / "checkpoints" / "8.corrupt-0" / "state").exists()  # kept, not deleted
+  assert_same_as_reference(str(tmp_path), reference)
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, data_dir, reference):
+  """An exception after step 6 (checkpoint at 4) and the same call again: identical run."""
+  cfg = tiny_config(data_dir, **OVERRIDES)
+
+  def interrupt(step, state):
+    if step == 6:
+      raise KeyboardInterrupt("simulated kill after step 6")
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(cfg, str(tmp_path), callbacks=[interrupt])
+  assert ckpt_lib.Checkpoints(str(tmp_path)).latest_step() == 4
+  assert max(losses(str(tmp_path))) == 5  # step 5 was logged after the save, then lost
+  train.train_and_evaluate(cfg, str(tmp_path))
+  assert sorted(losses(str(tmp_path))) == list(range(1, 13))
   assert_same_as_reference(str(tmp_path), reference)
 
 
