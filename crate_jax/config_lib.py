@@ -92,7 +92,9 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.init_head = True              # with init_from: re-initialise the classifier head
   c.whitebox_every_steps = 0      # > 0: log per-layer coding rate and sparsity
   c.profile_steps = 0             # > 0: clu profile this many steps on process 0
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # Mesh: the batch is split over data x fsdp devices; parameters and optimizer state of
+  # >= fsdp_min_size elements are sharded over fsdp (crate_jax.training.sharding).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2 ** 14})
   return c
 
 

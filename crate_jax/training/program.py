@@ -1,0 +1,63 @@
+"""The jitted programs a config trains with: init, train step and eval step, with their shardings.
+
+`build` is the one place that decides them, so the train loop, `evaluate` and the TPU planner
+(`crate_jax.plan`) compile exactly the same thing: same model, optimizer, mesh, parameter and
+optimizer-state shardings (FSDP rules in `sharding`), global batch, dtypes and donation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from crate_jax.training import optim, sharding, steps
+
+
+@dataclasses.dataclass
+class Program:
+  """What `build` returns. `abstract_state` carries the target shardings (for restores)."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_sharding: Any
+  data_sharding: jax.sharding.NamedSharding
+  abstract_state: Any
+  init: Callable[[], steps.TrainState]
+  train_step: Callable
+  eval_step: Callable
+
+  def abstract_batch(self, global_batch: int, image_shape: tuple, num_classes: int | None,
+                     eval_: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one global batch as the pipeline yields it (for lowering)."""
+    sh = self.data_sharding
+    spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.float32, sharding=sh),
+            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sh)}
+    if num_classes and not eval_:
+      spec["labels"] = jax.ShapeDtypeStruct((global_batch, num_classes), jnp.float32, sharding=sh)
+    if eval_:
+      spec["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=sh)
+    return spec
+
+
+def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: int,
+          image_shape: tuple) -> Program:
+  """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule."""
+  schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  init = lambda: steps.create_train_state(model, tx, image_shape, config.seed)
+  abstract = jax.eval_shape(init)
+  state_sh = sharding.state_shardings(abstract, mesh, config.mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+  data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
+                            grad_accum_steps=config.grad_accum_steps),
+      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(model, task=task),
+                      in_shardings=(state_sh.params, data_sh))
+  return Program(tx=tx, schedule=schedule, state_sharding=state_sh, data_sharding=data_sh,
+                 abstract_state=abstract, init=jax.jit(init, out_shardings=state_sh),
+                 train_step=train_step, eval_step=eval_step)
