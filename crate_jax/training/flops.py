@@ -1,7 +1,10 @@
-"""Analytic FLOP counts and device peak FLOP/s, for MFU (no clu / TensorFlow needed)."""
+"""Train FLOPs per example (from the model family's analytic count) and device peak FLOP/s, for
+MFU (no clu / TensorFlow needed)."""
 from __future__ import annotations
 
 import jax
+
+from crate_jax import models
 
 # Dense bf16 peak FLOP/s per device, keyed by a substring of jax.Device.device_kind.
 PEAK_FLOPS = {
@@ -19,24 +22,8 @@ def peak_flops(device=None) -> float | None:
   return None
 
 
-def crate_forward_flops(model) -> float:
-  """Matmul FLOPs of one forward pass per image (2 per MAC) for CRATE-like models.
-
-  Per layer and token: U (d x hp), out (hp x d), ISTA 2 d^2 (two-matmul form), attention 2 N hp.
-  Plus the patch stem and the head. Elementwise work is not counted (the MFU convention).
-  """
-  g = model.image_size // model.patch_size
-  n = g * g + 1
-  d, inner = model.dim, model.heads * model.dim_head
-  stem = g * g * model.patch_size ** 2 * model.channels * d
-  layer = n * (2 * d * inner + 2 * d * d) + 2 * n * n * inner
-  return 2.0 * (stem + model.depth * layer + d * model.num_classes)
-
-
 def train_flops_per_example(model) -> float | None:
-  """Forward + backward = 3x forward, for models we can count; None otherwise."""
-  needed = ("image_size", "patch_size", "dim", "heads", "dim_head", "depth", "num_classes",
-            "channels")
-  if type(model).__name__ != "CRATE" or not all(hasattr(model, a) for a in needed):
-    return None
-  return 3.0 * crate_forward_flops(model)
+  """Forward + backward = 3x the family's analytic forward count (`models.forward_flops`);
+  None for models that cannot tell."""
+  forward = models.forward_flops(model)
+  return None if forward is None else 3.0 * forward
