@@ -88,6 +88,8 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.eval_every_epochs = 0.0       # > 0 overrides eval_every_steps (epochs of the train split)
   c.checkpoint_every_epochs = 0.0  # > 0 overrides checkpoint_every_steps
   c.keep_checkpoints = 3
+  c.best_metric = ""              # also kept: the best eval checkpoint by this metric; "" = the
+  c.best_mode = ""                # task's: top1 / max (classification), loss / min (mae)
   c.init_from = ""                # a checkpoint to warm-start params from (not a resume)
   c.init_head = True              # with init_from: re-initialise the classifier head
   c.whitebox_every_steps = 0      # > 0: log per-layer coding rate and sparsity
@@ -146,9 +148,22 @@ def validate(config) -> None:
     need(model_value == config.data[key], f"model.kwargs.{key}",
          f"differs from config.data.{key}={config.data[key]} (set it once, in config.data)")
   from crate_jax import models  # local: configs load without the model stack
-  from crate_jax.training import optim
+  from crate_jax.training import optim, steps
+  metrics = steps.EVAL_METRICS[config.task]
+  need(config.best_metric in ("", *metrics), "best_metric",
+       f"is not an eval metric of task {config.task!r}: {metrics}")
+  need(config.best_mode in ("", "max", "min"), "best_mode", "must be 'max' or 'min'")
   models.from_config(config)   # unknown model / argument: "config.model: ..."
   optim.make_optimizer(config.optimizer, 0.0)  # unknown optimizer / decay mask
+
+
+def best_checkpoint(config) -> tuple[str, str]:
+  """(metric, mode) of the best-checkpoint rule: the config's, else the task's default."""
+  from crate_jax.training import steps
+  metric, mode = steps.BEST_METRIC[config.task]
+  if config.best_metric:
+    metric, mode = config.best_metric, "min" if config.best_metric == "loss" else "max"
+  return metric, config.best_mode or mode
 
 
 def _value(config, key):

@@ -133,7 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        steps_per_epoch=p.steps_per_epoch, image_shape=p.image_shape)
   data_sh, abstract, schedule = prog.data_sharding, prog.abstract_state, prog.schedule
 
-  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+  best_metric, best_mode = config_lib.best_checkpoint(config)
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best_metric,
+                               best_mode=best_mode)
   jsonl = os.path.join(workdir, "metrics.jsonl")
   start, state, meta = ckpts.restore_latest(abstract)
   if start is not None:
@@ -219,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % p.every["checkpoint"] == 0 or last or preempted:
         flush(step)
         at_eval = step % p.every["eval"] == 0 or last
-        save(step, {"top1": eval_metrics["top1"]} if at_eval and eval_metrics else None)
+        save(step, {best_metric: eval_metrics[best_metric]} if at_eval and eval_metrics else None)
       if preempted:
         logging.warning("Saved step %d after a preemption signal; exiting", step)
         break
@@ -276,18 +278,20 @@ def main(argv):
   cfg = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  logging.info("workdir %s  (%d processes, %d devices)", workdir, jax.process_count(),
-               jax.device_count())
+  n, d = jax.process_count(), jax.device_count()
+  logging.info("workdir %s  (%d process%s, %d device%s)", workdir, n, "es" * (n > 1), d,
+               "s" * (d > 1))
   result = train_and_evaluate(cfg, workdir)
   if jax.process_index() == 0 and result:
-    print("final eval  " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+    print(f"final eval  {metrics_lib.format_eval(result)}", flush=True)
 
 
 if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
   from crate_jax import cli
-  config_flags.DEFINE_config_file("config", "configs/embedded.py", "Config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints and logs; default workdirs/<config name>.")
-  cli.run(main)
+
+  def define_flags():
+    from absl import flags
+    cli.define_config_flag("configs/embedded.py")
+    flags.DEFINE_string("workdir", None, "Checkpoints and logs; default workdirs/<config name>.")
+
+  cli.run(main, define_flags)

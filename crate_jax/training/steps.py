@@ -90,24 +90,25 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
   return train_step
 
 
+# The eval metrics of each task, and for each the default best-checkpoint metric and its mode.
+EVAL_METRICS = {"classification": ("loss", "top1", "top5"), "mae": ("loss",)}
+BEST_METRIC = {"classification": ("top1", "max"), "mae": ("loss", "min")}
+
+
 @functools.lru_cache(maxsize=None)
-def eval_metrics_cls():
-  """clu metrics Collection of eval loss / top-1 / top-5 (clu imported only when evaluating)."""
+def eval_metrics_cls(task: str = "classification"):
+  """clu metrics Collection of the task's eval metrics, each averaged over real examples (clu
+  imported only when evaluating)."""
   from clu import metrics as clu_metrics
-
-  @flax.struct.dataclass
-  class EvalMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    top1: clu_metrics.Average.from_output("top1")
-    top5: clu_metrics.Average.from_output("top5")
-
-  return EvalMetrics
+  fields = {name: clu_metrics.Average.from_output(name) for name in EVAL_METRICS[task]}
+  cls = type(f"EvalMetrics_{task}", (clu_metrics.Collection,), {"__annotations__": fields})
+  return flax.struct.dataclass(cls)
 
 
 def make_eval_step(model, *, task: str = "classification") -> Callable:
   """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples."""
 
-  EvalMetrics = eval_metrics_cls()
+  EvalMetrics = eval_metrics_cls(task)
 
   def eval_step(params, batch):
     mask = batch["mask"]
@@ -115,8 +116,7 @@ def make_eval_step(model, *, task: str = "classification") -> Callable:
       out = model.apply({"params": params}, batch["image"], train=False,
                         rngs={"mask": jax.random.key(0)})
       loss = jnp.broadcast_to(out["loss"], mask.shape)
-      zero = jnp.zeros_like(mask)
-      return EvalMetrics.single_from_model_output(loss=loss, top1=zero, top5=zero, mask=mask)
+      return EvalMetrics.single_from_model_output(loss=loss, mask=mask)
     logits = model.apply({"params": params}, batch["image"], train=False)
     return EvalMetrics.single_from_model_output(
         loss=cross_entropy(logits, jax.nn.one_hot(batch["label"], logits.shape[-1])),

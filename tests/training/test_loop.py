@@ -73,6 +73,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monke
     ("batch_size", 100, "100"),
     ("grad_accum_steps", 3, "grad_accum_steps=3"),
     ("task", "segmentation", "config.task='segmentation'"),
+    ("best_metric", "top10", "config.best_metric='top10': is not an eval metric"),
+    ("data.image_size", 32, "model.kwargs.image_size=28: differs from config.data.image_size"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, data_dir, key, value, message):
   cfg = tiny_config(data_dir, **{key: value})
