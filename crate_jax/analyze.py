@@ -159,7 +159,8 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
 
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   params, meta = ckpt_lib.load_params_for(
-      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model))
+      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model),
+      ema=config.ema_decay > 0 and config.eval_ema)
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
   grid = (size // model.patch_size,) * 2
@@ -220,37 +221,37 @@ def _write_csv(rows: list[dict], path: str) -> str:
 
 def main(argv):
   del argv
-  from absl import app, flags
+  from absl import flags
+  from crate_jax import cli
   f = flags.FLAGS
   if f.images and f.split:
-    raise app.UsageError("pass either --images or --split, not both")
+    raise AnalyzeError("pass either --images or --split, not both")
   if not f.images:
     try:
-      import tensorflow as tf
-      tf.config.set_visible_devices([], "GPU")
+      cli.import_tensorflow()
     except ImportError:
-      pass
-  try:
-    result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
-                     num_images=f["num-images"].value, layer=f.layer,
-                     image_size=f["image-size"].value)
-  except (AnalyzeError, ckpt_lib.CheckpointError) as e:
-    raise SystemExit(f"crate_jax.analyze: {e}") from None  # one line, exit status 1
+      pass  # dataset_images() says what is missing
+  result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
+                   num_images=f["num-images"].value, layer=f.layer,
+                   image_size=f["image-size"].value)
   print(json.dumps(result["paths"], indent=2))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.")
-  flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
-  flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
-  flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
-  flags.DEFINE_integer("num-images", 8, "Number of images.")
-  flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
-  flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
-  flags.DEFINE_alias("num_images", "num-images")
-  flags.DEFINE_alias("image_size", "image-size")
-  flags.mark_flags_as_required(["config", "checkpoint", "out"])
-  app.run(main)
+  from crate_jax import cli
+
+  def define_flags():
+    from absl import flags
+    cli.define_config_flag()
+    flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.")
+    flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
+    flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
+    flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
+    flags.DEFINE_integer("num-images", 8, "Number of images.")
+    flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
+    flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
+    flags.DEFINE_alias("num_images", "num-images")
+    flags.DEFINE_alias("image_size", "image-size")
+    flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+  cli.run(main, define_flags)

@@ -80,6 +80,8 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.optimizer.final_lr_fraction = 0.0
   c.label_smoothing = 0.1
   c.grad_accum_steps = 1
+  c.ema_decay = 0.0               # > 0: keep an EMA of the weights (e.g. 0.9999), checkpointed
+  c.eval_ema = True               # with ema_decay > 0: evaluate (and analyze/export) the EMA
 
   # Loop.
   c.log_every_steps = 100
@@ -143,6 +145,7 @@ def validate(config) -> None:
   need(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
        "must be > 0 when num_train_steps is not set")
   need(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+  need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
   for key in ("image_size", "num_classes"):
     model_value = config.model.kwargs.get(key, config.data[key])
     need(model_value == config.data[key], f"model.kwargs.{key}",

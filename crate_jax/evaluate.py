@@ -30,7 +30,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
-                                      adapt=functools.partial(models.adapt_params, model))
+                                      adapt=functools.partial(models.adapt_params, model),
+                                      ema=config.ema_decay > 0 and config.eval_ema)
   eval_step = jax.jit(steps.make_eval_step(model, task=config.task))
   return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh), split=split)
 
@@ -38,8 +39,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
 def main(argv):
   del argv
   from absl import flags
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  from crate_jax import cli
+  cli.import_tensorflow()
   f = flags.FLAGS
   result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
   print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
@@ -47,10 +48,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.", required=True)
-  flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from crate_jax import cli
+
+  def define_flags():
+    from absl import flags
+    cli.define_config_flag()
+    flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.", required=True)
+    flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
+    flags.mark_flags_as_required(["config"])
+
+  cli.run(main, define_flags)

@@ -102,7 +102,8 @@ def _warm_start(state, config, model, abstract_params):
                                        drop_extra=True,
                                        adapt=functools.partial(models.adapt_params, model))
   logging.info("Warm-started params from %s", config.init_from)
-  return state.replace(params=params)
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, ema_params=ema)
 
 
 class _Preemption:
@@ -212,11 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % p.every["eval"] == 0 or last:
         flush(step)
         t = time.perf_counter()
-        eval_metrics = evaluation.evaluate(eval_step, state.params, config, data_sh)
+        eval_metrics = evaluation.evaluate(eval_step, state.eval_params(config.eval_ema),
+                                           config, data_sh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         throughput.pause(time.perf_counter() - t)
       if whitebox and step % config.whitebox_every_steps == 0:
-        writer.write_scalars(step, whitebox(state.params))
+        writer.write_scalars(step, whitebox(state.eval_params(config.eval_ema)))
       preempted = preemption.requested or ckpts.reached_preemption(step)
       if step % p.every["checkpoint"] == 0 or last or preempted:
         flush(step)

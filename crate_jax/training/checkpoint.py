@@ -226,15 +226,20 @@ def resolve(path: str) -> epath.Path:
     return reader.directory / str(step)
 
 
-def load_params(path: str) -> tuple[Any, dict]:
-  """Params (host numpy arrays) and meta from any of our checkpoints: train state or params-only."""
+def load_params(path: str, *, ema: bool = False) -> tuple[Any, dict]:
+  """Params (host numpy arrays) and meta from any of our checkpoints: train state or params-only.
+  With ema, the weight EMA where the checkpoint has one (else the params, said in the log)."""
   with open_checkpoint(path) as (reader, step):
     tree, meta = reader.restore_host(step)
+  if ema and tree.get("ema_params") is not None:
+    return tree["ema_params"], meta
+  if ema:
+    logging.info("%s holds no weight EMA; using its params", path)
   return tree["params"], meta
 
 
 def load_params_for(abstract_params: Any, path: str, *, adapt: Callable | None = None,
-                    keep_fresh: Any = None, drop_extra: bool = False):
+                    keep_fresh: Any = None, drop_extra: bool = False, ema: bool = False):
   """Params from `path` fitted to a model whose params look like `abstract_params`.
 
   With drop_extra, top-level subtrees the model does not have (e.g. a CRATE-MAE decoder when
@@ -243,7 +248,7 @@ def load_params_for(abstract_params: Any, path: str, *, adapt: Callable | None =
   abstract_params)` (the model family's `adapt_params`, e.g. a positional-embedding resize)
   fits what the family knows how to fit. Shapes are then checked leaf by leaf.
   """
-  params, meta = load_params(path)
+  params, meta = load_params(path, ema=ema)
   params = dict(params)
   if drop_extra:
     extra = sorted(set(params) - set(abstract_params))

@@ -46,7 +46,8 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
   """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule."""
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(config.optimizer, schedule)
-  init = lambda: steps.create_train_state(model, tx, image_shape, config.seed)
+  init = lambda: steps.create_train_state(model, tx, image_shape, config.seed,
+                                          ema=config.ema_decay > 0)
   abstract = jax.eval_shape(init)
   state_sh = sharding.state_shardings(abstract, mesh, config.mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -54,7 +55,8 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
       steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
-                            grad_accum_steps=config.grad_accum_steps),
+                            grad_accum_steps=config.grad_accum_steps,
+                            ema_decay=config.ema_decay),
       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(model, task=task),
                       in_shardings=(state_sh.params, data_sh))

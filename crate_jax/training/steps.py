@@ -20,15 +20,27 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data, so the state is a plain checkpointable pytree
+  ema_params: Any = None  # weight EMA (config.ema_decay > 0), else None
+
+  def eval_params(self, use_ema: bool):
+    """The weights evaluation uses: the EMA when asked and kept, else the trained ones."""
+    return self.ema_params if use_ema and self.ema_params is not None else self.params
 
 
-def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
-  """Initialise params (fp32) and optimiser state. jit this with out_shardings."""
+def create_train_state(model, tx, image_shape, seed: int, ema: bool = False) -> TrainState:
+  """Initialise params (fp32), optimiser state and (with ema) the EMA = params. jit this with
+  out_shardings."""
   init_rng, state_rng = jax.random.split(jax.random.key(seed))
   params = model.init({"params": init_rng, "mask": init_rng},
                       jnp.zeros((1, *image_shape), jnp.float32))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(state_rng))
+                    rng=jax.random.key_data(state_rng),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def ema_update(ema, params, decay: float):
+  """ema <- decay * ema + (1 - decay) * params (after each optimiser step)."""
+  return optax.incremental_update(params, ema, step_size=1.0 - decay)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -57,9 +69,10 @@ def _loss_fn(model, task: str, smoothing: float):
 
 
 def make_train_step(model, tx, *, task: str = "classification", label_smoothing: float = 0.0,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics). With grad_accum_steps = k the batch is split into k
-  micro-batches whose gradients are averaged (same update, less activation memory)."""
+  micro-batches whose gradients are averaged (same update, less activation memory); with
+  ema_decay > 0 the state's EMA of the weights follows each update."""
   grad_fn = jax.value_and_grad(_loss_fn(model, task, label_smoothing), has_aux=True)
 
   def train_step(state: TrainState, batch):
@@ -85,7 +98,11 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema = state.ema_params
+    if ema_decay > 0:
+      ema = ema_update(ema, params, ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
 
   return train_step
 
