@@ -7,13 +7,14 @@ There is no residual around ISTA, so every layer output is non-negative.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from crate_jax.models import layers as L
+from crate_jax.models import posemb
 
 Dtype = Any
 
@@ -26,8 +27,8 @@ def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
   Returns (output, w, attention weights or None), w = U^T z being the subspace features.
   """
   w = jnp.einsum("bnd,dhp->bnhp", z, U)
-  heads_out, weights = L.subspace_attention(w, return_weights=return_weights,
-                                            implementation=implementation)
+  heads_out, weights = L.attention(w, w, w, return_weights=return_weights,
+                                   implementation=implementation)
   out = jnp.einsum("bnhp,hpd->bnd", heads_out, w_out) + b_out
   return out, w, weights
 
@@ -42,7 +43,7 @@ def ista(x: jax.Array, D: jax.Array, eta: float, lambd: float) -> jax.Array:
   return jax.nn.relu(x + eta * jnp.einsum("bne,ed->bnd", residual, D) - eta * lambd)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(nn.Module, kw_only=True):
   """Flattened patches -> LayerNorm -> Linear -> LayerNorm (the official stem; no convolution)."""
   patch_size: int
   dim: int
@@ -53,13 +54,13 @@ class PatchEmbed(nn.Module):
     x = L.patchify(images, self.patch_size)
     fan_in = x.shape[-1]
     x = L.layer_norm("patch_norm", self.dtype)(x)
-    x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32,
+    x = nn.Dense(features=self.dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=L.torch_linear_init(fan_in), bias_init=L.torch_linear_init(fan_in),
                  name="proj")(x)
     return L.layer_norm("embed_norm", self.dtype)(x)
 
 
-class MSSA(nn.Module):
+class MSSA(nn.Module, kw_only=True):
   """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v).
 
   init: "torch" (nn.Linear defaults, the classifier) or "xavier" (xavier-uniform U and W_out,
@@ -88,7 +89,7 @@ class MSSA(nn.Module):
                 implementation=self.attention_impl)
 
 
-class ISTA(nn.Module):
+class ISTA(nn.Module, kw_only=True):
   """Sparsification by one ISTA step against a square dictionary D (d x d)."""
   dim: int
   eta: float = 0.1
@@ -102,7 +103,7 @@ class ISTA(nn.Module):
     return ista(x, D, self.eta, self.lambd)
 
 
-class CRATELayer(nn.Module):
+class CRATELayer(nn.Module, kw_only=True):
   """Pre-norm layer: z + MSSA(LN z), then ISTA(LN .) with no outer residual."""
   dim: int
   heads: int
@@ -116,21 +117,40 @@ class CRATELayer(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    attn_out, features, weights = MSSA(self.dim, self.heads, self.dim_head, self.dtype,
-                                       self.attention_impl, self.mssa_init, name="mssa")(
-        L.layer_norm("norm_mssa", self.dtype)(z), self.return_weights)
+    normed = L.layer_norm("norm_mssa", self.dtype)(z)
+    attn_out, features, weights = MSSA(
+        dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+        attention_impl=self.attention_impl, init=self.mssa_init, name="mssa")(
+            normed, return_weights=self.return_weights)
     z_half = z + attn_out
-    codes = ISTA(self.dim, self.eta, self.lambd, self.dtype, name="ista")(
+    codes = ISTA(dim=self.dim, eta=self.eta, lambd=self.lambd, dtype=self.dtype, name="ista")(
         L.layer_norm("norm_ista", self.dtype)(z_half))
-    return codes, {"features": features, "attention": weights, "mssa": z_half, "codes": codes}
+    return codes, {"normed": normed, "features": features, "attention": weights, "mssa": z_half,
+                   "codes": codes}
 
 
-class CRATE(nn.Module):
+def layer_macs(n: int, d: int, inner: int) -> int:
+  """Multiply-adds of one CRATE layer on n tokens: U and W_out (2 n d inner), the two-matmul ISTA
+  (2 n d^2) and the attention w w^T, A w (2 n^2 inner)."""
+  return n * (2 * d * inner + 2 * d * d) + 2 * n * n * inner
+
+
+def crate_flops(*, image_size: int, patch_size: int, channels: int, dim: int, depth: int,
+                  heads: int, dim_head: int, num_classes: int) -> float:
+  """2 x MACs of one CRATE forward pass per image: stem Linear (n P^2 C d), layers, head (d C)."""
+  g = image_size // patch_size
+  stem = g * g * patch_size ** 2 * channels * dim
+  layers = depth * layer_macs(g * g + 1, dim, heads * dim_head)
+  return 2.0 * (stem + layers + dim * num_classes)
+
+
+class CRATE(nn.Module, kw_only=True):
   """The CRATE classifier.
 
   `model.apply(variables, images)` returns logits for NHWC images. With
   `return_intermediates=True` it returns `(logits, out)` where `out` holds, stacked over layers
   (leading axis = layer):
+    normed    (L, B, N, dim)              LN(Z^l), the input of each layer's MSSA
     features  (L, B, N, heads, dim_head)  U^T LN(Z^l): the subspace projections MSSA compresses
     attention (L, B, heads, N, N)         softmax attention of each head
     mssa      (L, B, N, dim)              Z^{l+1/2}
@@ -153,20 +173,20 @@ class CRATE(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
 
+  head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
+
   def embed(self, images):
     """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d)."""
-    n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
-    x = PatchEmbed(self.patch_size, self.dim, self.dtype, name="patch_embed")(images)
-    cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, self.dim), jnp.float32)
-    pos = self.param("pos_embedding", nn.initializers.normal(1.0), (1, n + 1, self.dim),
-                     jnp.float32)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
-    return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    x = PatchEmbed(patch_size=self.patch_size, dim=self.dim, dtype=self.dtype,
+                   name="patch_embed")(images)
+    return L.with_class_token(self, x, cls_name="cls_token", cls_init=nn.initializers.normal(1.0),
+                              positions=nn.initializers.normal(1.0))
 
   def pool_and_head(self, tokens):
     pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)
     pre_logits = L.layer_norm("head_norm", self.dtype)(pooled)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+    logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=L.torch_linear_init(self.dim),
                       bias_init=L.torch_linear_init(self.dim), name="head")(pre_logits)
     return logits.astype(L.at_least_f32(self.dtype)), pre_logits
@@ -176,16 +196,24 @@ class CRATE(nn.Module):
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     z = self.embed(jnp.asarray(images, self.dtype))
-    layer_cls = L.maybe_remat(CRATELayer, self.remat)
-    per_layer = []
-    for i in range(self.depth):
-      z, inter = layer_cls(self.dim, self.heads, self.dim_head, self.eta, self.lambd, self.dtype,
-                           self.attention_impl, return_intermediates, name=f"layer_{i}")(z)
-      if return_intermediates:
-        per_layer.append(inter)
+    z, out = L.layer_stack(
+        CRATELayer, z, depth=self.depth, name="layer_{i}", remat=self.remat,
+        collect=return_intermediates, dim=self.dim, heads=self.heads, dim_head=self.dim_head,
+        eta=self.eta, lambd=self.lambd, dtype=self.dtype, attention_impl=self.attention_impl,
+        return_weights=return_intermediates)
     logits, pre_logits = self.pool_and_head(z)
     if not return_intermediates:
       return logits
-    out = L.stack_layers(per_layer)
-    out.update(tokens=z, pre_logits=pre_logits)
-    return logits, out
+    return logits, dict(out, tokens=z, pre_logits=pre_logits)
+
+  @nn.nowrap
+  def adapt_params(self, params: dict, abstract_params) -> dict:
+    """Loaded top-level params fitted to this model: `pos_embedding` resized to its grid."""
+    return posemb.fit_pos_embedding(params, abstract_params)
+
+  @nn.nowrap
+  def forward_flops(self) -> float:
+    """Matmul FLOPs of one forward pass per image (see `crate_flops`)."""
+    return crate_flops(image_size=self.image_size, patch_size=self.patch_size,
+                         channels=self.channels, dim=self.dim, depth=self.depth, heads=self.heads,
+                         dim_head=self.dim_head, num_classes=self.num_classes)

@@ -12,13 +12,14 @@ dictionary D1. The parameter tree mirrors the official big_vision names (`embedd
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from crate_jax.models import layers as L
+from crate_jax.models import posemb
 from crate_jax.models.crate import mssa
 
 Dtype = Any
@@ -37,7 +38,7 @@ def ista_alpha(x: jax.Array, D: jax.Array, D1: jax.Array, *, eta: float, lambd: 
   return jnp.einsum("...m,dm->...d", z, D1), z
 
 
-class _Kernel(nn.Module):
+class _Kernel(nn.Module, kw_only=True):
   """A lone `kernel` parameter (so the tree reads `proj/kernel`, `out/kernel` as in big_vision)."""
   shape: tuple[int, ...]
   init: Callable = nn.initializers.normal(0.02)
@@ -47,7 +48,7 @@ class _Kernel(nn.Module):
     return self.param("kernel", self.init, self.shape, jnp.float32)
 
 
-class SubspaceAttention(nn.Module):
+class SubspaceAttention(nn.Module, kw_only=True):
   """MSSA_alpha(z) = concat_k[softmax(w_k w_k^T / sqrt(p)) w_k] W_out with w_k = z U_k; no biases.
 
   The same tied-qkv maths as CRATE's `mssa` (called with a zero output bias); kernels N(0, 0.02).
@@ -60,14 +61,14 @@ class SubspaceAttention(nn.Module):
   @nn.compact
   def __call__(self, z, return_weights: bool = False):
     d = z.shape[-1]
-    U = _Kernel((d, self.heads, self.dim_head), name="proj")()
-    w_out = _Kernel((self.heads, self.dim_head, d), name="out")()
+    U = _Kernel(shape=(d, self.heads, self.dim_head), name="proj")()
+    w_out = _Kernel(shape=(self.heads, self.dim_head, d), name="out")()
     z, U, w_out = L.cast(self.dtype, z, U, w_out)
     return mssa(z, U, w_out, jnp.zeros((), z.dtype), return_weights=return_weights,
                 implementation=self.attention_impl)
 
 
-class OvercompleteISTA(nn.Module):
+class OvercompleteISTA(nn.Module, kw_only=True):
   """ISTA_alpha with learned D, D1 of shape (d, ratio * d), both kaiming-uniform U(+-sqrt(6/d))."""
   ratio: int = 4
   num_steps: int = 2
@@ -85,7 +86,7 @@ class OvercompleteISTA(nn.Module):
     return ista_alpha(x, D, D1, eta=self.eta, lambd=self.lambd, num_steps=self.num_steps)
 
 
-class CRATEAlphaLayer(nn.Module):
+class CRATEAlphaLayer(nn.Module, kw_only=True):
   """x + MSSA_alpha(LN x), then x + ISTA_alpha(LN x); with D1 = 0 only x + MSSA_alpha(LN x)."""
   heads: int
   dim_head: int
@@ -99,20 +100,22 @@ class CRATEAlphaLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    normed = L.layer_norm("LayerNorm_0", self.dtype, ALPHA_LN_EPS)(x)
     attn, features, weights = SubspaceAttention(
-        self.heads, self.dim_head, self.dtype, self.attention_impl,
-        name="MultiHeadDotProductSubspaceAttention_0")(
-            L.layer_norm("LayerNorm_0", self.dtype, ALPHA_LN_EPS)(x), self.return_weights)
+        heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+        attention_impl=self.attention_impl, name="MultiHeadDotProductSubspaceAttention_0")(
+            normed, return_weights=self.return_weights)
     x_half = x + attn
-    decoded, codes = OvercompleteISTA(self.ratio, self.num_steps, self.eta, self.lambd, self.dtype,
-                                      name="OvercompleteISTABlock_0")(
-        L.layer_norm("LayerNorm_1", self.dtype, ALPHA_LN_EPS)(x_half))
+    decoded, codes = OvercompleteISTA(
+        ratio=self.ratio, num_steps=self.num_steps, eta=self.eta, lambd=self.lambd,
+        dtype=self.dtype, name="OvercompleteISTABlock_0")(
+            L.layer_norm("LayerNorm_1", self.dtype, ALPHA_LN_EPS)(x_half))
     out = x_half + decoded
-    return out, {"features": features, "attention": weights, "mssa": x_half, "codes": codes,
-                 "blocks": out}
+    return out, {"normed": normed, "features": features, "attention": weights, "mssa": x_half,
+                 "codes": codes, "blocks": out}
 
 
-class _Encoder(nn.Module):
+class _Encoder(nn.Module, kw_only=True):
   """The stack of CRATE-alpha blocks (named `Transformer` in the parent, as in big_vision)."""
   depth: int
   heads: int
@@ -124,27 +127,39 @@ class _Encoder(nn.Module):
   dtype: Dtype
   remat: bool
   attention_impl: str | None
-  return_weights: bool
+  collect: bool
 
   @nn.compact
   def __call__(self, x):
-    layer_cls = L.maybe_remat(CRATEAlphaLayer, self.remat)
-    per_layer = []
-    for i in range(self.depth):
-      x, inter = layer_cls(self.heads, self.dim_head, self.ratio, self.num_steps, self.eta,
-                           self.lambd, self.dtype, self.attention_impl, self.return_weights,
-                           name=f"encoderblock_{i}")(x)
-      per_layer.append(inter)
-    return x, per_layer
+    return L.layer_stack(
+        CRATEAlphaLayer, x, depth=self.depth, name="encoderblock_{i}", remat=self.remat,
+        collect=self.collect, heads=self.heads, dim_head=self.dim_head, ratio=self.ratio,
+        num_steps=self.num_steps, eta=self.eta, lambd=self.lambd, dtype=self.dtype,
+        attention_impl=self.attention_impl, return_weights=self.collect)
 
 
-class CRATEAlpha(nn.Module):
+def alpha_flops(*, image_size: int, patch_size: int, channels: int, dim: int, depth: int,
+                heads: int, dim_head: int, ratio: int, num_ista_steps: int,
+                num_classes: int) -> float:
+  """2 x MACs of one CRATE-alpha forward pass per image, as the code multiplies: the conv stem
+  (n P^2 C d); per block on N = n+1 tokens U and W_out (2 N d inner), the attention (2 N^2 inner)
+  and the K ISTA steps with D, D1 (d x m, m = ratio d): D^T x once, 2 matmuls per step after the
+  first (which starts from z_0 = 0), D1 z once, so 2 K N d m; the head (d C)."""
+  g = image_size // patch_size
+  n, inner, m = g * g + 1, heads * dim_head, ratio * dim
+  block = 2 * n * dim * inner + 2 * n * n * inner + 2 * num_ista_steps * n * dim * m
+  stem = g * g * patch_size ** 2 * channels * dim
+  return 2.0 * (stem + depth * block + dim * num_classes)
+
+
+class CRATEAlpha(nn.Module, kw_only=True):
   """The CRATE-alpha classifier: conv patch stem, class token, learned positions, blocks, LN, head.
 
   Same interface as `CRATE`: `apply(variables, images)` gives logits for NHWC images, and with
   `return_intermediates=True` `(logits, out)` where out holds, stacked over layers:
-    features (L, B, N, heads, dim_head), attention (L, B, heads, N, N), mssa (L, B, N, d) = x after
-    the attention residual, codes (L, B, N, ratio*d) = the sparse codes z_K, blocks (L, B, N, d),
+    normed (L, B, N, d) = LN(x), the attention's input, features (L, B, N, heads, dim_head),
+    attention (L, B, heads, N, N), mssa (L, B, N, d) = x after the attention residual,
+    codes (L, B, N, ratio*d) = the sparse codes z_K, blocks (L, B, N, d),
   plus tokens (B, N, d) = last block output and pre_logits (B, d) = LN(tokens)[:, 0].
   """
   num_classes: int = 1000
@@ -163,35 +178,48 @@ class CRATEAlpha(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
 
+  head_params: ClassVar[tuple[str, ...]] = ("head",)
+
   def embed(self, images):
     """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""
     n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
     p = self.patch_size
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, kernel_init=nn.initializers.kaiming_uniform(),
-                bias_init=nn.initializers.zeros, name="embedding")(images)
+    x = nn.Conv(features=self.dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=nn.initializers.kaiming_uniform(), bias_init=nn.initializers.zeros,
+                name="embedding")(images)
     x = x.reshape(x.shape[0], n, self.dim)
-    cls = self.param("cls", nn.initializers.normal(1e-6), (1, 1, self.dim), jnp.float32)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n + 1, self.dim),
-                     jnp.float32)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
-    return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    return L.with_class_token(self, x, cls_name="cls", cls_init=nn.initializers.normal(1e-6),
+                              positions=nn.initializers.normal(0.02))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
     x = self.embed(jnp.asarray(images, self.dtype))
-    tokens, per_layer = _Encoder(self.depth, self.heads, self.dim_head, self.ratio,
-                                 self.num_ista_steps, self.eta, self.lambd, self.dtype, self.remat,
-                                 self.attention_impl, return_intermediates, name="Transformer")(x)
+    tokens, out = _Encoder(
+        depth=self.depth, heads=self.heads, dim_head=self.dim_head, ratio=self.ratio,
+        num_steps=self.num_ista_steps, eta=self.eta, lambd=self.lambd, dtype=self.dtype,
+        remat=self.remat, attention_impl=self.attention_impl, collect=return_intermediates,
+        name="Transformer")(x)
     pre_logits = L.layer_norm("encoder_norm", self.dtype, ALPHA_LN_EPS)(tokens)[:, 0]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+    logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.zeros,
                       name="head")(pre_logits).astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
-    out = L.stack_layers(per_layer)
-    out.update(tokens=tokens, pre_logits=pre_logits)
-    return logits, out
+    return logits, dict(out, tokens=tokens, pre_logits=pre_logits)
+
+  @nn.nowrap
+  def adapt_params(self, params: dict, abstract_params) -> dict:
+    """Loaded top-level params fitted to this model: `pos_embedding` resized to its grid."""
+    return posemb.fit_pos_embedding(params, abstract_params)
+
+  @nn.nowrap
+  def forward_flops(self) -> float:
+    """Matmul FLOPs of one forward pass per image (see `alpha_flops`)."""
+    return alpha_flops(image_size=self.image_size, patch_size=self.patch_size,
+                       channels=self.channels, dim=self.dim, depth=self.depth, heads=self.heads,
+                       dim_head=self.dim_head, ratio=self.ratio,
+                       num_ista_steps=self.num_ista_steps, num_classes=self.num_classes)
 
 
 # name -> (dim, depth, heads); the official `decode_variant` table (dim_head = dim / heads).

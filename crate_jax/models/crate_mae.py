@@ -9,7 +9,7 @@ token) that is not a parameter. Loss: the per-patch pixel MSE averaged over the 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax.models import layers as L
-from crate_jax.models.crate import MSSA, CRATELayer
+from crate_jax.models.crate import MSSA, CRATELayer, layer_macs
 
 Dtype = Any
 MAE_NORM_EPS = 1e-6  # encoder_norm / decoder_norm / fc_norm; the block LayerNorms keep torch's 1e-5
@@ -82,7 +82,7 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module, kw_only=True):
   """y = D LN(x) (bias-free d x d, "D x" = x D^T in row form), then x <- y - MSSA(LN y)."""
   heads: int
   dim_head: int
@@ -95,12 +95,13 @@ class DecoderLayer(nn.Module):
     D = self.param("D", L.kaiming_uniform_init(d), (d, d), jnp.float32)
     h, D = L.cast(self.dtype, L.layer_norm("norm_ista", self.dtype)(x), D)
     y = jnp.einsum("bnd,ed->bne", h, D)
-    attn, _, _ = MSSA(d, self.heads, self.dim_head, self.dtype, self.attention_impl, "xavier",
-                      name="mssa")(L.layer_norm("norm_mssa", self.dtype)(y))
-    return y - attn
+    attn, _, _ = MSSA(dim=d, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+                      attention_impl=self.attention_impl, init="xavier", name="mssa")(
+        L.layer_norm("norm_mssa", self.dtype)(y))
+    return y - attn, {}
 
 
-class CRATEMAEEncoder(nn.Module):
+class CRATEMAEEncoder(nn.Module, kw_only=True):
   """Conv stem -> [mask tokens] -> class token + fixed sin-cos positions -> CRATE layers -> LN.
 
   `mask` (B, n) bool, True = masked: those patch embeddings are replaced by `mask_token` (1, 1, d),
@@ -126,27 +127,22 @@ class CRATEMAEEncoder(nn.Module):
   def __call__(self, images, mask=None, mask_token=None, *, return_intermediates: bool = False):
     grid = _check_grid(images, self.image_size, self.patch_size, self.channels)
     p, fan_in = self.patch_size, self.patch_size ** 2 * self.channels
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, kernel_init=L.xavier_uniform_init(fan_in, self.dim),
+    x = nn.Conv(features=self.dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=L.xavier_uniform_init(fan_in, self.dim),
                 bias_init=L.torch_linear_init(fan_in), name="patch_embed")(
                     jnp.asarray(images, self.dtype))
     x = x.reshape(x.shape[0], grid[0] * grid[1], self.dim)
     if mask is not None:
       x = jnp.where(mask[..., None], jnp.asarray(mask_token, x.dtype), x)
-    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.dim), jnp.float32)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
-    x = jnp.concatenate([cls, x], axis=1) + sincos_pos_embedding(self.dim, grid).astype(x.dtype)
-    layer_cls = L.maybe_remat(CRATELayer, self.remat)  # the classifier's layer, MAE init
-    per_layer = []
-    for i in range(self.depth):
-      x, inter = layer_cls(self.dim, self.heads, self.dim_head, self.eta, self.lambd, self.dtype,
-                           self.attention_impl, return_intermediates, mssa_init="xavier",
-                           name=f"layer_{i}")(x)
-      per_layer.append(inter)
-    x = L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x)
-    if not return_intermediates:
-      return x, None
-    return x, L.stack_layers(per_layer)
+    x = L.with_class_token(self, x, cls_name="cls_token", cls_init=nn.initializers.normal(0.02),
+                           positions=sincos_pos_embedding(self.dim, grid))
+    x, out = L.layer_stack(  # the classifier's layer, MAE init
+        CRATELayer, x, depth=self.depth, name="layer_{i}", remat=self.remat,
+        collect=return_intermediates, dim=self.dim, heads=self.heads, dim_head=self.dim_head,
+        eta=self.eta, lambd=self.lambd, dtype=self.dtype, attention_impl=self.attention_impl,
+        return_weights=return_intermediates, mssa_init="xavier")
+    return L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x), out
 
 
 def _encoder_kwargs(model) -> dict[str, Any]:
@@ -156,7 +152,22 @@ def _encoder_kwargs(model) -> dict[str, Any]:
                                          "attention_impl")}
 
 
-class CRATEMAEDecoder(nn.Module):
+def encoder_flops(model) -> float:
+  """2 x MACs of the CRATE-MAE encoder per image: conv stem (n P^2 C d), CRATE layers on n+1 tokens
+  (the mask tokens are in the sequence, so masking saves nothing)."""
+  g = model.image_size // model.patch_size
+  stem = g * g * model.patch_size ** 2 * model.channels * model.dim
+  layers = model.depth * layer_macs(g * g + 1, model.dim, model.heads * model.dim_head)
+  return 2.0 * (stem + layers)
+
+
+def decoder_layer_macs(n: int, d: int, inner: int) -> int:
+  """Multiply-adds of one decoder layer on n tokens: D (n d^2), then MSSA: U and W_out
+  (2 n d inner) and the attention (2 n^2 inner)."""
+  return n * d * d + 2 * n * d * inner + 2 * n * n * inner
+
+
+class CRATEMAEDecoder(nn.Module, kw_only=True):
   """CRATE decoder layers -> LN -> Linear(d -> p*p*C); the class token's row is dropped."""
   out_features: int
   depth: int = 12
@@ -168,18 +179,17 @@ class CRATEMAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    layer_cls = L.maybe_remat(DecoderLayer, self.remat)
-    for i in range(self.depth):
-      x = layer_cls(self.heads, self.dim_head, self.dtype, self.attention_impl,
-                    name=f"layer_{i}")(x)
+    x, _ = L.layer_stack(DecoderLayer, x, depth=self.depth, name="layer_{i}", remat=self.remat,
+                         heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+                         attention_impl=self.attention_impl)
     x = L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x)
-    pred = nn.Dense(self.out_features, dtype=self.dtype, param_dtype=jnp.float32,
+    pred = nn.Dense(features=self.out_features, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=L.xavier_uniform_init(x.shape[-1], self.out_features),
                     bias_init=nn.initializers.zeros, name="pred")(x)
     return pred[:, 1:].astype(jnp.float32)
 
 
-class CRATEMAE(nn.Module):
+class CRATEMAE(nn.Module, kw_only=True):
   """CRATE-MAE. `apply(variables, images, rngs={"mask": key})` returns a dict:
     loss ()  masked_mse(pred, target, mask);   pred (B, N, p*p*C);   mask (B, N), 1 = masked;
     target (B, N, p*p*C);   latent (B, N+1, d), the encoder output.
@@ -204,15 +214,39 @@ class CRATEMAE(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
 
+  head_params: ClassVar[tuple[str, ...]] = ()
+
+  @nn.nowrap
+  def decoder_arch(self) -> tuple[int, int]:
+    """(depth, heads) of the decoder: the encoder's unless decoder_depth / decoder_heads say."""
+    depth = self.depth if self.decoder_depth is None else self.decoder_depth
+    return depth, self.decoder_heads or self.heads
+
   def setup(self):
     self.encoder = CRATEMAEEncoder(**_encoder_kwargs(self))
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim),
                                  jnp.float32)
-    heads = self.decoder_heads or self.heads
-    depth = self.depth if self.decoder_depth is None else self.decoder_depth
+    depth, heads = self.decoder_arch()
     self.decoder = CRATEMAEDecoder(out_features=self.patch_size ** 2 * self.channels, depth=depth,
                                    heads=heads, dim_head=self.dim // heads, dtype=self.dtype,
                                    remat=self.remat, attention_impl=self.attention_impl)
+
+  @nn.nowrap
+  def adapt_params(self, params: dict, abstract_params) -> dict:
+    """Nothing to fit: the positions are a fixed sin-cos table, not a parameter."""
+    return params
+
+  @nn.nowrap
+  def forward_flops(self) -> float | None:
+    """Matmul FLOPs of one masked-completion pass per image (encoder, decoder, pred); None when
+    image_size is None (the grid is unknown)."""
+    if self.image_size is None:
+      return None
+    depth, heads = self.decoder_arch()
+    g = self.image_size // self.patch_size
+    n, d, out = g * g + 1, self.dim, self.patch_size ** 2 * self.channels
+    decoder = depth * decoder_layer_macs(n, d, heads * (d // heads)) + n * d * out
+    return encoder_flops(self) + 2.0 * decoder
 
   def __call__(self, images, *, train: bool = False, mask_ratio: float | None = None):
     ratio = self.mask_ratio if mask_ratio is None else mask_ratio
@@ -246,12 +280,12 @@ class CRATEMAE(nn.Module):
             to_image(patches))
 
 
-class CRATEMAEClassifier(nn.Module):
+class CRATEMAEClassifier(nn.Module, kw_only=True):
   """Fine-tuning classifier: the CRATE-MAE encoder (same `encoder` subtree) -> pool -> LN -> Linear.
 
   Copy a pre-trained encoder with `classifier_params_from_mae`. With `return_intermediates=True`
-  returns (logits, out): the encoder's per-layer features / attention / mssa / codes stacked over
-  layers, tokens (B, N+1, d) and pre_logits (B, d).
+  returns (logits, out): the encoder's per-layer normed (LN(Z^l), the MSSA input) / features /
+  attention / mssa / codes stacked over layers, tokens (B, N+1, d) and pre_logits (B, d).
   """
   num_classes: int = 1000
   image_size: int | None = 224
@@ -268,6 +302,8 @@ class CRATEMAEClassifier(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
 
+  head_params: ClassVar[tuple[str, ...]] = ("head", "fc_norm")
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
     if self.pool not in ("cls", "mean"):
@@ -276,13 +312,25 @@ class CRATEMAEClassifier(nn.Module):
         images, return_intermediates=return_intermediates)
     pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
     pre_logits = L.layer_norm("fc_norm", self.dtype, MAE_NORM_EPS)(pooled)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+    logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=L.xavier_uniform_init(self.dim, self.num_classes),
                       bias_init=nn.initializers.zeros, name="head")(pre_logits)
     logits = logits.astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
     return logits, dict(inter, tokens=tokens, pre_logits=pre_logits)
+
+  @nn.nowrap
+  def adapt_params(self, params: dict, abstract_params) -> dict:
+    """Nothing to fit: the positions are a fixed sin-cos table, not a parameter."""
+    return params
+
+  @nn.nowrap
+  def forward_flops(self) -> float | None:
+    """Matmul FLOPs of one forward pass per image (encoder + head); None when image_size is None."""
+    if self.image_size is None:
+      return None
+    return encoder_flops(self) + 2.0 * self.dim * self.num_classes
 
 
 def classifier_params_from_mae(mae_params, classifier_params):

@@ -1,7 +1,8 @@
-"""Shared building blocks: PyTorch-equivalent initialisers, LayerNorm, patchify, MSSA attention core.
+"""Shared building blocks: PyTorch-equivalent initialisers, LayerNorm, patchify, the attention
+core, the class-token/positions embedding and the depth loop.
 
-Everything here is a small pure function or a thin Linen module so that CRATE, CRATE-alpha,
-CRATE-MAE and the ViT baseline can share the maths they have in common.
+Everything here is a small pure function so that CRATE, CRATE-alpha, CRATE-MAE and the ViT
+baseline share the maths (and the plumbing) they have in common.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,22 +49,17 @@ def layer_norm(name: str, dtype: Dtype, eps: float = TORCH_LN_EPS) -> nn.LayerNo
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(B, H, W, C) -> (B, H/P * W/P, P*P*C), patches row-major, within a patch (row, col, channel).
 
-  This is the official `b c (h p1) (w p2) -> b (h w) (p1 p2 c)` ordering, written for NHWC.
+  The official `b c (h p1) (w p2) -> b (h w) (p1 p2 c)` rearrangement, written for NHWC.
   """
-  b, h, w, c = images.shape
   p = patch_size
-  x = images.reshape(b, h // p, p, w // p, p, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
+  return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
 
 
 def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int], channels: int) -> jax.Array:
   """Inverse of `patchify`: (B, gh*gw, P*P*C) -> (B, gh*P, gw*P, C)."""
-  b = patches.shape[0]
-  gh, gw = grid
   p = patch_size
-  x = patches.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * p, gw * p, channels)
+  return einops.rearrange(patches, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=grid[0], w=grid[1],
+                          p1=p, p2=p, c=channels)
 
 
 def check_images(images: jax.Array, patch_size: int, channels: int) -> tuple[int, int]:
@@ -78,36 +75,43 @@ def check_images(images: jax.Array, patch_size: int, channels: int) -> tuple[int
   return h // patch_size, w // patch_size
 
 
-def subspace_attention(w: jax.Array, *, return_weights: bool = False,
-                       implementation: str | None = None):
-  """Tied-qkv attention per head: softmax(w_k w_k^T * p^-1/2) w_k for w of shape (B, N, heads, p).
+# Token counts are padded to a multiple of this for a fused implementation (cuDNN's kernel refuses
+# odd sequence lengths such as 197); the padded keys are masked out, the padded queries sliced off.
+PAD_TOKENS_TO = {"cudnn": 16}
 
-  The softmax is taken in fp32 whatever the compute dtype. With return_weights=False the fused
-  `jax.nn.dot_product_attention` is used (`implementation` as in that function, e.g. "cudnn").
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
+              implementation: str | None = None, pad_to: int | None = None):
+  """Per head softmax(q_h k_h^T * p^-1/2) v_h for (B, N, heads, p) inputs; returns (out, weights).
+
+  The logits and softmax are at least fp32 (float64 inputs stay float64). With return_weights=False
+  and an `implementation` (as in jax.nn.dot_product_attention, e.g. "cudnn") the fused kernel is
+  used, tokens padded to a multiple of `pad_to` (default PAD_TOKENS_TO[implementation], else 1);
+  weights is then None. Subspace attention (MSSA) is the tied case attention(w, w, w).
   """
-  scale = w.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5
   if not return_weights and implementation is not None:
-    # cuDNN's fused kernel refuses odd sequence lengths such as 197: pad the tokens to a
-    # multiple of 16 and mask the padding out as keys (key_value_seq_lengths), then slice.
-    pad_to = 16 if implementation == "cudnn" else 1
-    return fused_attention(w, scale, implementation, pad_to), None
-  logits = jnp.einsum("bqhd,bkhd->bhqk", w, w, preferred_element_type=at_least_f32(w.dtype)) * scale
+    pad_to = PAD_TOKENS_TO.get(implementation, 1) if pad_to is None else pad_to
+    return padded_dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                        pad_to=pad_to), None
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=at_least_f32(q.dtype)) * scale
   weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(w.dtype), w)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out, (weights if return_weights else None)
 
 
-def fused_attention(w: jax.Array, scale: float, implementation: str | None,
-                    pad_to: int = 1) -> jax.Array:
-  """jax.nn.dot_product_attention with q = k = v = w, tokens zero-padded to a multiple of pad_to."""
-  n = w.shape[1]
+def padded_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                                 implementation: str | None, pad_to: int = 1) -> jax.Array:
+  """jax.nn.dot_product_attention with the tokens zero-padded to a multiple of pad_to, the padded
+  keys masked (key_value_seq_lengths) and the padded query rows sliced off: exact."""
+  n = q.shape[1]
   padded = -(-n // pad_to) * pad_to
   if padded == n:
-    return jax.nn.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
-  wp = jnp.pad(w, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
-  lengths = jnp.full((w.shape[0],), n, jnp.int32)
-  out = jax.nn.dot_product_attention(wp, wp, wp, scale=scale, implementation=implementation,
-                                     key_value_seq_lengths=lengths)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
+                                     implementation=implementation, key_value_seq_lengths=lengths)
   return out[:, :n]
 
 
@@ -116,14 +120,41 @@ def heads_kernel(module: nn.Module, name: str, shape: Sequence[int], fan_in: int
   return module.param(name, init or torch_linear_init(fan_in), tuple(shape), jnp.float32)
 
 
-def maybe_remat(cls, remat: bool):
-  """Wrap a block class in nn.remat (activation rematerialisation) when asked."""
-  return nn.remat(cls) if remat else cls
-
-
 def stack_layers(per_layer: Sequence[dict]) -> dict:
   """[{name: array} per layer] -> {name: array stacked on a new leading layer axis}."""
   return {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
+
+
+def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool = False,
+                collect: bool = False, **layer_kwargs):
+  """Z^{l+1}, inter_l = f_l(Z^l) for l < depth, f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
+
+  Call it inside the parent's compact method. Every layer returns (x, {name: array}); with
+  collect=True the intermediates are stacked (L, ...), else None. remat wraps the layer class in
+  nn.remat. The one place that runs a family's layers (a scan over layers would go here).
+  Returns (Z^depth, stacked intermediates or None).
+  """
+  cls = nn.remat(layer_cls) if remat else layer_cls
+  per_layer = []
+  for i in range(depth):
+    x, inter = cls(**layer_kwargs, name=name.format(i=i))(x)
+    per_layer.append(inter)
+  return x, (stack_layers(per_layer) if collect else None)
+
+
+def with_class_token(module: nn.Module, x: jax.Array, *, cls_name: str, cls_init,
+                     positions) -> jax.Array:
+  """[x_cls; x_1 .. x_n] + E: (B, n, d) -> (B, n+1, d), the class token at index 0.
+
+  `cls_name` / `cls_init`: the (1, 1, d) class-token parameter of `module`. `positions`: an
+  initialiser (a learned fp32 `pos_embedding` (1, n+1, d)) or a fixed (n+1, d) table.
+  """
+  b, n, d = x.shape
+  cls = module.param(cls_name, cls_init, (1, 1, d), jnp.float32)
+  if callable(positions):
+    positions = module.param("pos_embedding", positions, (1, n + 1, d), jnp.float32)
+  cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d))
+  return jnp.concatenate([cls, x], axis=1) + jnp.asarray(positions, x.dtype)
 
 
 def at_least_f32(dtype: Dtype) -> Dtype:
@@ -182,20 +213,3 @@ def overcomplete_ista(x: jax.Array, D: jax.Array, *, eta: float, lambd: float, n
     dz = jnp.einsum("...m,dm->...d", z, D)
     z = jax.nn.relu(z - eta * (jnp.einsum("...d,dm->...m", dz, D) - dtx) - eta * lambd)
   return z
-
-
-def multihead_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
-                        implementation: str | None = None):
-  """Per head softmax(q_h k_h^T * p^-1/2) v_h for (B, N, heads, p) inputs (the ViT attention).
-
-  Same numerics as `subspace_attention` (fp32 softmax; fused kernel when no weights are wanted and
-  `implementation` is given); `subspace_attention(w)` is the tied case q = k = v = w.
-  """
-  scale = q.shape[-1] ** -0.5
-  if not return_weights and implementation is not None:
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
-    return out, None
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=at_least_f32(q.dtype)) * scale
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-  return out, (weights if return_weights else None)

@@ -37,3 +37,18 @@ def resize_params_pos_embedding(params, image_size: int, patch_size: int):
   g = image_size // patch_size
   params["pos_embedding"] = resize_pos_embedding(np.asarray(params["pos_embedding"]), (g, g))
   return params
+
+
+def fit_pos_embedding(params: dict, abstract_params) -> dict:
+  """`params` with a learned `pos_embedding` resized (bicubic, cls row kept) to the patch grid of
+  `abstract_params` (the model's param shapes) when only the grid differs; otherwise unchanged."""
+  target = abstract_params.get("params", abstract_params)
+  if "pos_embedding" not in params or "pos_embedding" not in target:
+    return params
+  have, want = tuple(params["pos_embedding"].shape), tuple(target["pos_embedding"].shape)
+  if have == want or have[-1] != want[-1]:
+    return params
+  side = int(round(math.sqrt(want[1] - 1)))
+  if side * side != want[1] - 1:
+    return params
+  return {**params, "pos_embedding": resize_pos_embedding(params["pos_embedding"], (side, side))}

@@ -6,25 +6,26 @@ LayerNorm eps 1e-6. Initialisation as timm: linear kernels truncated N(0, 0.02),
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from crate_jax.models import layers as L
+from crate_jax.models import posemb
 
 Dtype = Any
 VIT_LN_EPS = 1e-6
 _TRUNC = nn.initializers.truncated_normal(0.02)
 
 
-def _dense(features, dtype, name, axis=-1):
-  return nn.DenseGeneral(features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
+def _dense(*, features, dtype, name, axis=-1):
+  return nn.DenseGeneral(features=features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=_TRUNC, bias_init=nn.initializers.zeros, name=name)
 
 
-class MHSA(nn.Module):
+class MHSA(nn.Module, kw_only=True):
   """Multi-head self-attention: one fused q/k/v projection, kernel (d, 3, heads, p), with biases."""
   heads: int
   dim_head: int
@@ -34,14 +35,14 @@ class MHSA(nn.Module):
   @nn.compact
   def __call__(self, x, return_weights: bool = False):
     d = x.shape[-1]
-    qkv = _dense((3, self.heads, self.dim_head), self.dtype, "qkv")(x)
+    qkv = _dense(features=(3, self.heads, self.dim_head), dtype=self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out, weights = L.multihead_attention(q, k, v, return_weights=return_weights,
-                                         implementation=self.attention_impl)
-    return _dense(d, self.dtype, "proj", axis=(-2, -1))(out), weights
+    out, weights = L.attention(q, k, v, return_weights=return_weights,
+                               implementation=self.attention_impl)
+    return _dense(features=d, dtype=self.dtype, name="proj", axis=(-2, -1))(out), weights
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, kw_only=True):
   """W2 GELU(W1 x + b1) + b2 with hidden width mlp_ratio * d (exact, erf GELU)."""
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
@@ -49,11 +50,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = jax.nn.gelu(_dense(self.mlp_ratio * d, self.dtype, "fc1")(x), approximate=False)
-    return _dense(d, self.dtype, "fc2")(h)
+    h = _dense(features=self.mlp_ratio * d, dtype=self.dtype, name="fc1")(x)
+    h = jax.nn.gelu(h, approximate=False)
+    return _dense(features=d, dtype=self.dtype, name="fc2")(h)
 
 
-class ViTBlock(nn.Module):
+class ViTBlock(nn.Module, kw_only=True):
   """x + MHSA(LN x), then x + MLP(LN x)."""
   heads: int
   dim_head: int
@@ -64,15 +66,16 @@ class ViTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    attn, weights = MHSA(self.heads, self.dim_head, self.dtype, self.attention_impl, name="attn")(
-        L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), self.return_weights)
+    attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+                         attention_impl=self.attention_impl, name="attn")(
+        L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights)
     x = x + attn
-    x = x + MLP(self.mlp_ratio, self.dtype, name="mlp")(
+    x = x + MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(
         L.layer_norm("norm2", self.dtype, VIT_LN_EPS)(x))
     return x, {"attention": weights, "blocks": x}
 
 
-class ViT(nn.Module):
+class ViT(nn.Module, kw_only=True):
   """ViT classifier: conv patch embedding, cls token, learned positions, blocks, LN, head.
 
   `apply(variables, images)` gives logits for NHWC images; with `return_intermediates=True` it gives
@@ -93,39 +96,61 @@ class ViT(nn.Module):
   remat: bool = False
   attention_impl: str | None = None
 
+  head_params: ClassVar[tuple[str, ...]] = ("head",)
+
   def embed(self, images):
     """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""
     n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
     p = self.patch_size
     fan_in = p * p * self.channels
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, kernel_init=L.torch_linear_init(fan_in),
+    x = nn.Conv(features=self.dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, param_dtype=jnp.float32, kernel_init=L.torch_linear_init(fan_in),
                 bias_init=L.torch_linear_init(fan_in), name="patch_embed")(images)
     x = x.reshape(x.shape[0], n, self.dim)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.dim), jnp.float32)
-    pos = self.param("pos_embedding", _TRUNC, (1, n + 1, self.dim), jnp.float32)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.dim))
-    return jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    return L.with_class_token(self, x, cls_name="cls_token",
+                              cls_init=nn.initializers.normal(1e-6), positions=_TRUNC)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     x = self.embed(jnp.asarray(images, self.dtype))
-    block_cls = L.maybe_remat(ViTBlock, self.remat)
-    per_layer = []
-    for i in range(self.depth):
-      x, inter = block_cls(self.heads, self.dim_head, self.mlp_ratio, self.dtype,
-                           self.attention_impl, return_intermediates, name=f"block_{i}")(x)
-      per_layer.append(inter)
+    x, out = L.layer_stack(
+        ViTBlock, x, depth=self.depth, name="block_{i}", remat=self.remat,
+        collect=return_intermediates, heads=self.heads, dim_head=self.dim_head,
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_impl=self.attention_impl,
+        return_weights=return_intermediates)
     normed = L.layer_norm("norm", self.dtype, VIT_LN_EPS)(x)
     pre_logits = normed[:, 0] if self.pool == "cls" else normed[:, 1:].mean(axis=1)
-    logits = _dense(self.num_classes, self.dtype, "head")(pre_logits).astype(L.at_least_f32(self.dtype))
+    logits = _dense(features=self.num_classes, dtype=self.dtype, name="head")(pre_logits)
+    logits = logits.astype(L.at_least_f32(self.dtype))
     if not return_intermediates:
       return logits
-    out = L.stack_layers(per_layer)
-    out.update(tokens=x, pre_logits=pre_logits)
-    return logits, out
+    return logits, dict(out, tokens=x, pre_logits=pre_logits)
+
+  @nn.nowrap
+  def adapt_params(self, params: dict, abstract_params) -> dict:
+    """Loaded top-level params fitted to this model: `pos_embedding` resized to its grid."""
+    return posemb.fit_pos_embedding(params, abstract_params)
+
+  @nn.nowrap
+  def forward_flops(self) -> float:
+    """Matmul FLOPs of one forward pass per image (see `vit_flops`)."""
+    return vit_flops(image_size=self.image_size, patch_size=self.patch_size,
+                     channels=self.channels, dim=self.dim, depth=self.depth, heads=self.heads,
+                     dim_head=self.dim_head, mlp_ratio=self.mlp_ratio,
+                     num_classes=self.num_classes)
+
+
+def vit_flops(*, image_size: int, patch_size: int, channels: int, dim: int, depth: int,
+              heads: int, dim_head: int, mlp_ratio: int, num_classes: int) -> float:
+  """2 x MACs of one ViT forward pass per image: the conv stem (n P^2 C d); per block on N = n+1
+  tokens q/k/v (3 N d inner), proj (N inner d), attention (2 N^2 inner), MLP (2 N d r d); head."""
+  g = image_size // patch_size
+  n, inner = g * g + 1, heads * dim_head
+  block = 4 * n * dim * inner + 2 * n * n * inner + 2 * n * dim * mlp_ratio * dim
+  stem = g * g * patch_size ** 2 * channels * dim
+  return 2.0 * (stem + depth * block + dim * num_classes)
 
 
 # name -> (dim, depth, heads), patch 16, dim_head 64.

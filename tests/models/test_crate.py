@@ -196,7 +196,11 @@ def test_padded_fused_attention_equals_unpadded():
   """The token padding used for cuDNN (197 -> 208, padded keys masked) changes nothing."""
   from crate_jax.models import layers
   w = jax.random.normal(jax.random.key(0), (2, 197, 3, 16))
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 197, 3, 16)) for i in (1, 2, 3))
   with jax.default_matmul_precision("highest"):
-    want, _ = layers.subspace_attention(w)
-    got = layers.fused_attention(w, 16 ** -0.5, "xla", pad_to=16)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for args in ((w, w, w), (q, k, v)):  # the tied (MSSA) and the untied (ViT) case
+      want, _ = layers.attention(*args)
+      got, none = layers.attention(*args, implementation="xla", pad_to=16)
+      assert none is None
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert layers.PAD_TOKENS_TO["cudnn"] == 16
