@@ -16,25 +16,13 @@ over the images.
 """
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from crate_jax.whitebox import rates, sparsity
 
-NORM_NAME = "norm_mssa"  # the LayerNorm in front of each layer's MSSA: its output is LN(Z^l)
 METRIC_KEYS = ("coding_rate_c", "coding_rate_c_std", "coding_rate", "rate_reduction", "objective",
                "sparsity", "density", "l1_over_l0")
-
-
-def _capture_mssa_norm(module, method_name) -> bool:
-  return module.name == NORM_NAME and method_name == "__call__"
-
-
-def _natural_key(path):
-  return [int(t) if t.isdigit() else t for part in path for t in re.split(r"(\d+)", str(part))]
 
 
 def _unwrap(params):
@@ -42,20 +30,12 @@ def _unwrap(params):
 
 
 def intermediates(model, params, images):
-  """(logits, out): the model's `return_intermediates=True` output plus
-  out["normed"] (L, B, N, d) = LN(Z^l), the input of each layer's MSSA (captured, not recomputed).
-
-  `normed` is left out for models that have no `norm_mssa` LayerNorm per layer.
+  """(logits, out): the model's `return_intermediates=True` output, which holds
+  out["normed"] (L, B, N, d) = LN(Z^l), the input of each layer's MSSA, for the CRATE families
+  (CRATE, CRATE-alpha, the CRATE-MAE classifier); other families have no `normed`.
   """
-  (logits, out), state = model.apply(
-      {"params": _unwrap(params)}, images, return_intermediates=True,
-      capture_intermediates=_capture_mssa_norm, mutable=["intermediates"])
-  flat = traverse_util.flatten_dict(state.get("intermediates", {}))
-  found = sorted((p for p in flat if NORM_NAME in p), key=_natural_key)
-  out = dict(out)
-  if found and len(found) == out["features"].shape[0]:
-    out["normed"] = jnp.stack([flat[p][0] for p in found])
-  return logits, out
+  logits, out = model.apply({"params": _unwrap(params)}, images, return_intermediates=True)
+  return logits, dict(out)
 
 
 def _mean_std(per_image: dict[str, jax.Array]) -> dict[str, jax.Array]:
