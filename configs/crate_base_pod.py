@@ -30,7 +30,7 @@ def scaled_lr(batch_size: int) -> float:
 def get_config(arg=None):
   if arg:
     raise ValueError(f"configs/crate_base_pod.py takes no argument (got {arg!r})")
-  config = config_lib.base_config(model="crate_base")
+  config = config_lib.imagenet_config("crate_base")
   config.batch_size = GLOBAL_BATCH
   config.eval_batch_size = GLOBAL_BATCH
   # Linear LR scaling (Goyal et al., 2017): 2e-4 * 4096 / 512 = 1.6e-3.

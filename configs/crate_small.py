@@ -7,4 +7,4 @@ from crate_jax import config_lib
 
 
 def get_config():
-  return config_lib.base_config(model="crate_small")
+  return config_lib.imagenet_config("crate_small")

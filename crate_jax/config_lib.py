@@ -50,6 +50,7 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.data.cutmix_alpha = 0.0       # 0 = off
   c.data.mix_prob = 1.0           # with mixup/cutmix on: probability a batch is mixed
   c.data.mix_switch_prob = 0.5    # with both on: probability of cutmix rather than mixup
+  c.data.extra_eval = ()          # more eval sets, "tfds_name[:split]", logged as eval/<name>/*
   c.data.eval_resize = 256        # resize shorter side, then center-crop image_size
   c.data.resize_antialias = True  # bilinear with antialiasing (as PIL) when downscaling
   c.data.mean = IMAGENET_MEAN
@@ -99,6 +100,14 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   # Mesh: the batch is split over data x fsdp devices; parameters and optimizer state of
   # >= fsdp_min_size elements are sharded over fsdp (crate_jax.training.sharding).
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2 ** 14})
+  return c
+
+
+def imagenet_config(model: str) -> ml_collections.ConfigDict:
+  """`base_config(model)` evaluated also on ImageNet-V2 and ImageNet-ReaL (logged as
+  eval/imagenet_v2/*, eval/imagenet2012_real/*, with real_top1)."""
+  c = base_config(model)
+  c.data.extra_eval = ("imagenet_v2", "imagenet2012_real")
   return c
 
 

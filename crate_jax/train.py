@@ -85,8 +85,16 @@ def plan(config: ml_collections.ConfigDict, *, devices=None, process_count: int 
   if per_device % config.grad_accum_steps:
     raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must divide the "
                      f"per-device batch {per_device}")
-  num_train = (data_lib.num_examples(config.data, config.data.train_split)
-               if num_train_examples is None else num_train_examples)
+  if num_train_examples is None:
+    num_train = data_lib.num_examples(config.data, config.data.train_split)
+    for name, cfg in evaluation.extra_eval_sets(config).items():
+      try:
+        data_lib.num_examples(cfg, cfg.eval_split)
+      except FileNotFoundError as e:  # DatasetNotPreparedError
+        raise type(e)(f"{e} (extra eval set {name!r} of config.data.extra_eval; to train "
+                      "without it: --config.data.extra_eval=\"()\")") from None
+  else:
+    num_train = num_train_examples
   spe = config_lib.steps_per_epoch(num_train, config.batch_size)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   return Plan(model, config.task, mesh, spe, config_lib.total_steps(config, spe), image_shape,
@@ -213,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % p.every["eval"] == 0 or last:
         flush(step)
         t = time.perf_counter()
-        eval_metrics = evaluation.evaluate(eval_step, state.eval_params(config.eval_ema),
+        eval_metrics = evaluation.evaluate_all(eval_step, state.eval_params(config.eval_ema),
                                            config, data_sh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         throughput.pause(time.perf_counter() - t)

