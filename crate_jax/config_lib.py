@@ -77,6 +77,8 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.05
   c.optimizer.decay_mask = "all"  # "all" (official) | "kernels" (matrices only)
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  c.optimizer.mu_dtype = ""       # adamw: dtype of the first moment ("bfloat16"); "" = params'
+  c.optimizer.layer_decay = 1.0   # < 1: layer-wise lr decay, layer i gets decay^(depth + 1 - i)
   c.optimizer.warmup_epochs = 20.0
   c.optimizer.final_lr_fraction = 0.0
   c.label_smoothing = 0.1

@@ -37,6 +37,13 @@ DATASETS: dict[str, DatasetSpec] = {
                                      _BUILD.format(name="oxford_flowers102"), 1_020),
     "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet"),
                                    3_680),
+    # ImageNet-21K as CRATE-alpha pre-trains on it (19,167 classes after the winter-2021
+    # processing); tfds has no builder: prepare it with your own (e.g. big_vision's) as a tfds
+    # dataset named imagenet21k, the first 51,200 training images held out for evaluation.
+    "imagenet21k": DatasetSpec(
+        "train[51200:]", "train[:51200]", 19_167,
+        "tfds has no ImageNet-21K builder: build one (e.g. big_vision's imagenet21k) into DIR, or "
+        "train from an image folder", 13_100_000),  # approximate size, used only for plans
     # Extra ImageNet eval sets (eval only): ImageNet-V2 (a new test set, tfds builds it by
     # downloading) and ImageNet-ReaL (the validation images with re-assessed label sets).
     "imagenet_v2": DatasetSpec("test", "test", 1000, _BUILD.format(name="imagenet_v2")),

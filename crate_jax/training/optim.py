@@ -10,7 +10,7 @@ import jax
 import optax
 
 OPTIMIZERS = ("lion", "adamw")
-DECAY_MASKS = ("all", "kernels")
+DECAY_MASKS = ("all", "kernels", "named_kernels")
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -23,9 +23,14 @@ def learning_rate_schedule(opt_cfg, total_steps: int, steps_per_epoch: int) -> o
 
 
 def decay_mask(params, mode: str):
-  """Which leaves get weight decay: every leaf ("all", as the official recipe) or matrices only."""
+  """Which leaves get weight decay: every leaf ("all", the official CRATE recipe), matrices only
+  ("kernels"), or leaves named `kernel` ("named_kernels": big_vision's `.*/kernel$`, as the
+  CRATE-alpha recipe; not D, D1, cls, positions, LayerNorms or biases)."""
   if mode == "all":
     return jax.tree.map(lambda _: True, params)
+  if mode == "named_kernels":
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
   return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[0] > 1, params)
 
 
@@ -42,7 +47,8 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule):
                     mask=mask)
   else:
     tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                     weight_decay=opt_cfg.weight_decay, mask=mask)
+                     weight_decay=opt_cfg.weight_decay, mask=mask,
+                     mu_dtype=opt_cfg.mu_dtype or None)
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   return tx

@@ -50,3 +50,42 @@ def test_weight_ema_follows_each_step_resumes_exactly_and_is_evaluated(tmp_path,
 def test_bad_ema_decay_is_refused_before_compiling(tmp_path, data_dir):
   with pytest.raises(ValueError, match=r"config.ema_decay=1.0: must be in \[0, 1\)"):
     train.train_and_evaluate(tiny_config(data_dir, ema_decay=1.0), str(tmp_path))
+
+
+def _load(path, arg):
+  import importlib.util
+  from tests.helpers import ROOT
+  spec = importlib.util.spec_from_file_location("cfg", f"{ROOT}/configs/{path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_crate_alpha_recipes_and_the_papers_recipe():
+  import jax.numpy as jnp
+  from crate_jax import config_lib, models
+  from crate_jax.training import optim
+  pre, ft = _load("crate_alpha.py", "in21k"), _load("crate_alpha.py", "in1k")
+  for c in (pre, ft):
+    config_lib.validate(c)
+    assert (c.optimizer.name, c.optimizer.b2, c.optimizer.grad_clip_norm) == ("adamw", 0.95, 1.0)
+    assert c.batch_size == 4096 and c.num_epochs == 91 and c.optimizer.warmup_epochs == 10
+    assert c.optimizer.lr * c.optimizer.final_lr_fraction == pytest.approx(1e-6)
+  assert pre.data.num_classes == 19_167 and pre.optimizer.lr == 8e-4 and pre.data.mixup_alpha == 0.8
+  assert ft.optimizer.lr == 1.6e-4 and ft.data.randaugment_layers == 2 and ft.init_head
+  # decay on `kernel` leaves only: not D, D1, cls, positions, LayerNorms, biases
+  model = models.get("crate_alpha_t16", num_classes=10, image_size=32, depth=1)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+      optim.decay_mask(params, "named_kernels"))}
+  decayed = sorted(k for k, v in flat.items() if v)
+  assert decayed == sorted(k for k in flat if k.endswith("['kernel']")) and len(decayed) == 4
+  assert not flat["['Transformer']['encoderblock_0']['OvercompleteISTABlock_0']['D']"]
+  # the first moment in bfloat16
+  tx = optim.make_optimizer(pre.optimizer, 1e-3)
+  state = jax.eval_shape(tx.init, params)
+  assert {m.dtype for m in jax.tree.leaves(state[1][0].mu)} == {jnp.dtype("bfloat16")}
+  paper = _load("crate_paper.py", "crate_base")
+  assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.batch_size, paper.num_epochs,
+          paper.optimizer.warmup_epochs) == (2.4e-4, 0.5, 2048, 150, 5.0)
+  config_lib.validate(paper)
