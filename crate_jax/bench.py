@@ -10,9 +10,9 @@ prints the ratio.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import jax
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crate_jax import models
+from crate_jax import cli, models
 from crate_jax.training import flops, sharding, steps
 
 TINY = dict(image_size=32, patch_size=8, dim=64, depth=2, heads=4, dim_head=16, num_classes=10)
@@ -154,9 +154,9 @@ def _fmt(r: dict) -> str:
   return "  ".join(cols)
 
 
+@cli.command
 def main(argv=None) -> list[dict]:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__)
   p.add_argument("--models", default="crate_tiny,crate_small,crate_base,crate_large")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -190,4 +190,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.exit_code(main()))

@@ -8,16 +8,15 @@ mismatch raises before anything is written, and an existing output is never over
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from crate_jax import models
+from crate_jax import cli, models
 from crate_jax.interop.converters import convert
 
 
+@cli.command
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(description=__doc__)
   parser.add_argument("--torch", required=True, help="official CRATE .pth/.pt file")
   parser.add_argument("--variant", required=True, help=f"one of {', '.join(models.names())}")
   parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -28,11 +27,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   extra = {k: v for k, v in (("num_classes", args.num_classes),
                              ("image_size", args.image_size)) if v is not None}
-  try:
-    path = convert(args.torch, args.variant, args.out, eta=args.eta, lambd=args.lambd, **extra)
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  path = convert(args.torch, args.variant, args.out, eta=args.eta, lambd=args.lambd, **extra)
   print(f"wrote {path}")
   return 0
 
