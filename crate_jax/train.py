@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import flops as flops_lib
@@ -136,8 +137,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `callbacks` are called as cb(step, state) after every step (e.g. custom logging).
   """
   p = plan(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   workdir_lock = lock_lib.acquire(workdir)  # one trainer per workdir (process 0 holds it)
+  try:
+    return _train(config, p, workdir, callbacks)
+  finally:
+    workdir_lock.release()
+
+
+def _train(config, p: Plan, workdir: str, callbacks) -> dict:
+  """train_and_evaluate once the plan is made and the workdir is locked."""
   prog = program.build(config, p.model, p.mesh, task=p.task, total_steps=p.total_steps,
                        steps_per_epoch=p.steps_per_epoch, image_shape=p.image_shape)
   data_sh, abstract, schedule = prog.data_sharding, prog.abstract_state, prog.schedule
@@ -145,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   best_metric, best_mode = config_lib.best_checkpoint(config)
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best_metric,
                                best_mode=best_mode)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
+  jsonl = os.fspath(epath.Path(workdir) / "metrics.jsonl")
   start, state, meta = ckpts.restore_latest(abstract)
   if start is not None:
     logging.info("Resuming from step %d in %s", start, workdir)
@@ -157,14 +166,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.init_from:
       state = _warm_start(state, config, p.model, abstract.params)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   if start >= p.total_steps:
     logging.warning("%s already holds the final step %d: nothing to train (a new --workdir "
                     "starts over)", workdir, start)
     ckpts.close()
-    workdir_lock.release()
     return {}
 
   train_step, eval_step = prog.train_step, prog.eval_step
@@ -247,7 +254,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if hasattr(train_iter, "close"):
       train_iter.close()
     _close_quietly(ckpts, writer, failing=not finished)
-    workdir_lock.release()
   return eval_metrics
 
 

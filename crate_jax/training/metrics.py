@@ -17,16 +17,27 @@ import jax
 from crate_jax.training.flops import peak_flops
 
 
+def _is_local(path) -> bool:
+  return "://" not in os.fspath(path)
+
+
 class JsonlWriter:
-  """One JSON object per write_scalars call, appended to <workdir>/metrics.jsonl."""
+  """One JSON object per write_scalars call, appended to <workdir>/metrics.jsonl. Object stores
+  (gs://...) cannot append: there the file is rewritten whole (it stays small)."""
 
   def __init__(self, path: str):
     self.path = path
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step), **{k: _to_py(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if _is_local(self.path):
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:
+      from etils import epath
+      p = epath.Path(self.path)
+      p.write_text((p.read_text() if p.exists() else "") + line)
 
   def flush(self):
     pass
@@ -121,10 +132,15 @@ class Writers:
 
 def truncate_jsonl(path: str, last_step: int) -> None:
   """Drop records after `last_step` (written by a run that died after its last checkpoint)."""
-  if not os.path.exists(path):
+  from etils import epath
+  p = epath.Path(path)
+  if not p.exists():
     return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  keep = [line + "\n" for line in p.read_text().splitlines()
+          if line.strip() and json.loads(line)["step"] <= last_step]
+  if not _is_local(path):  # object stores replace a whole object atomically anyway
+    p.write_text("".join(keep))
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(keep)
@@ -132,8 +148,8 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from etils import epath
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def create_writer(workdir: str, total_steps: int | None = None) -> Writers:
