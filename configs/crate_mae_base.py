@@ -4,7 +4,7 @@
 
 MAE-style recipe: AdamW (b2 0.95, wd 0.05), lr 1.5e-4 x batch / 256, 40 warm-up epochs, 800 epochs,
 random-resized crop (area 0.2-1) + flip, loss = MSE on the masked patches. Fine-tune the encoder
-into a classifier afterwards:
+into a classifier afterwards (layer-wise lr decay 0.65, RandAugment, mixup/cutmix):
 
   python -m crate_jax.train --config configs/crate_mae_base.py:finetune \\
       --config.init_from=gs://BUCKET/crate_mae_base --workdir gs://BUCKET/crate_mae_base_ft
@@ -44,5 +44,6 @@ def get_config(arg: str = "pretrain"):
     config.data.randaugment_magnitude = 9
     config.data.mixup_alpha = 0.8
     config.data.cutmix_alpha = 1.0
+    config.optimizer.layer_decay = 0.65   # MAE's fine-tuning recipe (ViT-B)
     config.init_head = True
   return config

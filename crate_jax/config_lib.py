@@ -157,6 +157,8 @@ def validate(config) -> None:
        "must be > 0 when num_train_steps is not set")
   need(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
   need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
+  need(0.0 < config.optimizer.layer_decay <= 1.0, "optimizer.layer_decay",
+       "must be in (0, 1] (1 = off)")
   for key in ("image_size", "num_classes"):
     model_value = config.model.kwargs.get(key, config.data[key])
     need(model_value == config.data[key], f"model.kwargs.{key}",

@@ -174,6 +174,7 @@ class CRATE(nn.Module, kw_only=True):
   attention_impl: str | None = None
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
+  layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
 
   def embed(self, images):
     """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d)."""

@@ -303,6 +303,7 @@ class CRATEMAEClassifier(nn.Module, kw_only=True):
   attention_impl: str | None = None
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "fc_norm")
+  layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

@@ -34,8 +34,24 @@ def decay_mask(params, mode: str):
   return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[0] > 1, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule):
-  """Lion or AdamW with decoupled weight decay and optional global-norm clipping."""
+def layer_decay_scales(layer_ids, depth: int, decay: float):
+  """lr multipliers decay^(depth + 1 - id): 1 for the head (id depth + 1), decay^(depth - i) for
+  layer i (id i + 1), decay^(depth + 1) for the embeddings (id 0)."""
+  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - int(i)), layer_ids)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiply each leaf's update by a fixed scale: a per-parameter learning rate (the decoupled
+  weight decay inside the update is scaled with it, as in per-group learning rates)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(opt_cfg, schedule: optax.Schedule, *, layer_ids=None, depth: int | None = None):
+  """Lion or AdamW with decoupled weight decay, optional global-norm clipping, and with
+  opt_cfg.layer_decay < 1 layer-wise lr decay over `layer_ids` (models.layer_ids)."""
   if opt_cfg.name not in OPTIMIZERS:
     raise ValueError(f"config.optimizer.name={opt_cfg.name!r} is not one of {OPTIMIZERS}")
   if opt_cfg.decay_mask not in DECAY_MASKS:
@@ -49,6 +65,8 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule):
     tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                      weight_decay=opt_cfg.weight_decay, mask=mask,
                      mu_dtype=opt_cfg.mu_dtype or None)
+  if opt_cfg.layer_decay < 1.0 and layer_ids is not None:
+    tx = optax.chain(tx, scale_by_tree(layer_decay_scales(layer_ids, depth, opt_cfg.layer_decay)))
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   return tx

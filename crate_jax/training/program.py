@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crate_jax import models
 from crate_jax.training import optim, sharding, steps
 
 
@@ -45,7 +46,13 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
           image_shape: tuple) -> Program:
   """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule."""
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  layer_ids = None
+  if config.optimizer.layer_decay < 1.0:
+    shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(0)},
+                            jnp.zeros((1, *image_shape)))["params"]
+    layer_ids = models.layer_ids(model, shapes)
+  tx = optim.make_optimizer(config.optimizer, schedule, layer_ids=layer_ids,
+                            depth=getattr(model, "depth", None))
   init = lambda: steps.create_train_state(model, tx, image_shape, config.seed,
                                           ema=config.ema_decay > 0)
   abstract = jax.eval_shape(init)

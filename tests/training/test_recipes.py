@@ -89,3 +89,50 @@ def test_crate_alpha_recipes_and_the_papers_recipe():
   assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.batch_size, paper.num_epochs,
           paper.optimizer.warmup_epochs) == (2.4e-4, 0.5, 2048, 150, 5.0)
   config_lib.validate(paper)
+
+
+def test_layer_wise_lr_decay_scales_land_on_the_right_leaves():
+  import jax.numpy as jnp
+  from crate_jax import config_lib, models
+  from crate_jax.training import optim
+  cases = {"crate_tiny": ({"patch_embed", "cls_token", "pos_embedding"}, {"head", "head_norm"}),
+           "crate_alpha_t16": ({"embedding", "cls", "pos_embedding"}, {"encoder_norm", "head"}),
+           "vit_tiny": ({"patch_embed", "cls_token", "pos_embedding"}, {"norm", "head"}),
+           "crate_mae_classifier_tiny": ({"patch_embed", "cls_token"}, {"norm", "fc_norm", "head"})}
+  for name, (embed, top) in cases.items():
+    model = models.get(name, num_classes=10, image_size=32, patch_size=16, depth=3)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    ids = models.layer_ids(model, params)
+    for path, i in jax.tree_util.tree_leaves_with_path(ids):
+      names = [k.key for k in path]
+      layer = [n for n in names if n.split("_")[-1].isdigit() and n != "layer_norm"]
+      if layer:
+        assert i == int(layer[0].split("_")[-1]) + 1, (name, names, i)
+      elif embed & set(names):
+        assert i == 0, (name, names, i)
+      else:
+        assert i == 4 and top & set(names), (name, names, i)
+
+  # One AdamW step on unit gradients moves each weight by lr * 0.5^(4 - id): head by lr, layer 0
+  # by lr / 8, the embeddings by lr / 16.
+  cfg = config_lib.base_config(model="crate_tiny")
+  cfg.optimizer.name, cfg.optimizer.weight_decay, cfg.optimizer.layer_decay = "adamw", 0.0, 0.5
+  model = models.get("crate_tiny", num_classes=10, image_size=32, patch_size=16, depth=3)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  tx = optim.make_optimizer(cfg.optimizer, 1e-2, layer_ids=models.layer_ids(model, params),
+                            depth=3)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  step = lambda *keys: float(jnp.abs(_leaf(updates, keys)).max())
+  assert step("head", "kernel") == pytest.approx(1e-2, rel=1e-4)
+  assert step("layer_2", "ista", "D") == pytest.approx(1e-2 / 2, rel=1e-4)
+  assert step("layer_0", "ista", "D") == pytest.approx(1e-2 / 8, rel=1e-4)
+  assert step("pos_embedding") == pytest.approx(1e-2 / 16, rel=1e-4)
+  with pytest.raises(ValueError, match=r"optimizer.layer_decay=0.0: must be in \(0, 1\]"):
+    cfg.optimizer.layer_decay = 0.0
+    config_lib.validate(cfg)
+
+
+def _leaf(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
