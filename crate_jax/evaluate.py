@@ -9,6 +9,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import config_lib, models
@@ -36,15 +37,121 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh), split=split)
 
 
+PROTOCOLS = ("supervised", "knn", "linear")
+
+
+def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
+  """(model, params): the checkpoint's weights (EMA when the config evaluates it), or with
+  checkpoint=None the architecture at its random initialisation (seed: config.seed)."""
+  config_lib.validate(config)
+  model = models.from_config(config)
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  init = lambda: model.init(jax.random.key(config.seed if seed is None else seed),
+                            jnp.zeros((1, *image_shape)))["params"]
+  if checkpoint is None:
+    return model, jax.jit(init)()
+  abstract = jax.eval_shape(init)
+  params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
+                                      adapt=functools.partial(models.adapt_params, model),
+                                      ema=config.ema_decay > 0 and config.eval_ema)
+  return model, params
+
+
+def layer_features(config, model, params, split: str, pool: str = "cls"):
+  """(features (L, n, d) per layer, pooled as `pool`, labels (n,)) of a split, unaugmented
+  (the eval preprocessing), padding dropped. Layer l is the output of block l."""
+  from crate_jax import data as data_lib
+  from crate_jax.training import probes
+
+  @jax.jit
+  def forward(p, images):
+    _, out = model.apply({"params": p}, images, return_intermediates=True)
+    return models.layer_outputs(model, out)
+
+  feats, labels = [], []
+  for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
+                                      split=split):
+    keep = batch["mask"].astype(bool)
+    tokens = np.asarray(jax.device_get(forward(params, jnp.asarray(batch["image"]))))
+    feats.append(np.stack([probes.pool(t, pool) for t in tokens])[:, keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  return np.concatenate(feats, axis=1), np.concatenate(labels)
+
+
+def frozen_feature_eval(config, checkpoint: str | None, protocol: str, *, layers="last",
+                        pool: str = "cls", k: int = 20, split: str | None = None) -> dict:
+  """k-NN or linear-probe top-1 of frozen features: {"top1": acc at the last layer,
+  "per_layer": [acc of layer 0, 1, ...] (with layers="all")}. Trained on the train split,
+  scored on `split` (default the eval split); checkpoint=None scores the random init."""
+  from crate_jax.training import probes
+  if protocol not in ("knn", "linear"):
+    raise ValueError(f"--protocol {protocol!r} is not one of {PROTOCOLS}")
+  model, params = _model_and_params(config, checkpoint)
+  depth = getattr(model, "depth", None)
+  if layers not in ("last", "all"):
+    layer = int(layers)
+    if depth is not None and not -depth <= layer < depth:
+      raise ValueError(f"--layer {layer} is out of range for a {depth}-layer model")
+  train_x, train_y = layer_features(config, model, params, config.data.train_split, pool)
+  test_x, test_y = layer_features(config, model, params, split or config.data.eval_split, pool)
+  picked = (range(train_x.shape[0]) if layers == "all"
+            else [train_x.shape[0] - 1 if layers == "last" else int(layers) % train_x.shape[0]])
+  scores = []
+  for l in picked:
+    if protocol == "knn":
+      pred = probes.knn_predict(train_x[l], train_y, test_x[l], num_classes=config.data.num_classes,
+                                k=k)
+    else:
+      pred, _ = probes.linear_probe_predict(train_x[l], train_y, test_x[l],
+                                            num_classes=config.data.num_classes)
+    scores.append(float(np.mean(pred == test_y)))
+  out = {"protocol": protocol, "pool": pool, "top1": scores[-1],
+         "layer": list(picked)[-1], "num_train": int(len(train_y)), "num_test": int(len(test_y))}
+  if layers == "all":
+    out["per_layer"] = scores
+  return out
+
+
+def per_layer_figure(results: dict[str, list[float]], path: str) -> str:
+  """PNG of accuracy vs layer, one line per entry (e.g. trained / random init)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  for label, scores in results.items():
+    ax.plot(range(len(scores)), scores, marker="o", label=label)
+  ax.set_xlabel("layer")
+  ax.set_ylabel("top-1")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main(argv):
   del argv
   from absl import flags
   from crate_jax import cli
   cli.import_tensorflow()
   f = flags.FLAGS
-  result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
+  if f.protocol == "supervised":
+    result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
+    print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
+                      **result}))
+    return
+  layers = "all" if f.layer == "all" else ("last" if f.layer in ("", "last") else f.layer)
+  rows = {"trained": frozen_feature_eval(f.config, f.checkpoint, f.protocol, layers=layers,
+                                         pool=f.pool, k=f.k, split=f.split)}
+  if f.vs_random_init:
+    rows["random init"] = frozen_feature_eval(f.config, None, f.protocol, layers=layers,
+                                              pool=f.pool, k=f.k, split=f.split)
+  if f.figure and layers == "all":
+    per_layer_figure({k: v["per_layer"] for k, v in rows.items()}, f.figure)
   print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
-                    **result}))
+                    **({"random_init": rows["random init"]} if f.vs_random_init else {}),
+                    **rows["trained"]}))
 
 
 if __name__ == "__main__":
@@ -55,6 +162,17 @@ if __name__ == "__main__":
     cli.define_config_flag()
     flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.", required=True)
     flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
+    flags.DEFINE_enum("protocol", "supervised", list(PROTOCOLS),
+                      "supervised: the model's own head; knn / linear: frozen features (k-NN, "
+                      "ridge probe) trained on the train split.")
+    flags.DEFINE_string("layer", "last", "knn/linear: a layer index, 'last', or 'all' (a score "
+                        "per layer).")
+    flags.DEFINE_enum("pool", "cls", ["cls", "mean"], "knn/linear: class token or token mean.")
+    flags.DEFINE_integer("k", 20, "knn: neighbours.")
+    flags.DEFINE_bool("vs_random_init", False, "knn/linear: also score the same architecture at "
+                      "its random initialisation.")
+    flags.DEFINE_string("figure", None, "knn/linear with --layer=all: write accuracy vs layer "
+                        "to this PNG.")
     flags.mark_flags_as_required(["config"])
 
   cli.run(main, define_flags)

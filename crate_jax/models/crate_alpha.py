@@ -210,8 +210,10 @@ class CRATEAlpha(nn.Module, kw_only=True):
 
   @nn.nowrap
   def adapt_params(self, params: dict, abstract_params) -> dict:
-    """Loaded top-level params fitted to this model: `pos_embedding` resized to its grid."""
-    return posemb.fit_pos_embedding(params, abstract_params)
+    """Loaded top-level params fitted to this model: the conv stem's kernel resized to its patch
+    size (pre-training with /32 and fine-tuning with /16, say) and `pos_embedding` to its grid."""
+    return posemb.fit_pos_embedding(posemb.fit_patch_kernel(params, abstract_params),
+                                    abstract_params)
 
   @nn.nowrap
   def forward_flops(self) -> float:

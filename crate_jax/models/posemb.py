@@ -52,3 +52,28 @@ def fit_pos_embedding(params: dict, abstract_params) -> dict:
   if side * side != want[1] - 1:
     return params
   return {**params, "pos_embedding": resize_pos_embedding(params["pos_embedding"], (side, side))}
+
+
+def resize_patch_kernel(kernel, patch_size: int):
+  """A conv patch-embedding kernel (p, p, C, d) resized bilinearly to (q, q, C, d), q =
+  patch_size, as CRATE-alpha's recipe does when fine-tuning with another patch than it
+  pre-trained with (values are resampled, not rescaled)."""
+  kernel = jnp.asarray(kernel)
+  if kernel.shape[0] == patch_size and kernel.shape[1] == patch_size:
+    return kernel
+  out = jax.image.resize(kernel.astype(jnp.float32), (patch_size, patch_size, *kernel.shape[2:]),
+                         method="bilinear", antialias=False)
+  return out.astype(kernel.dtype)
+
+
+def fit_patch_kernel(params: dict, abstract_params, name: str = "embedding") -> dict:
+  """`params` with the `name/kernel` conv stem resized to `abstract_params`' patch size when only
+  the patch size differs; otherwise unchanged."""
+  target = abstract_params.get("params", abstract_params)
+  if name not in params or name not in target:
+    return params
+  have, want = tuple(params[name]["kernel"].shape), tuple(target[name]["kernel"].shape)
+  if have == want or have[2:] != want[2:] or want[0] != want[1]:
+    return params
+  return {**params, name: {**params[name],
+                           "kernel": resize_patch_kernel(params[name]["kernel"], want[0])}}

@@ -136,3 +136,29 @@ def _leaf(tree, keys):
   for k in keys:
     tree = tree[k]
   return tree
+
+
+def test_crate_alpha_warm_start_resizes_the_patch_kernel_and_positions(tmp_path):
+  """Pre-trained at patch 8 on a 4x4 grid, fine-tuned at patch 4 on 8x8: the conv stem's kernel
+  is resized bilinearly (8x8 -> 4x4), the positions bicubically, the head starts fresh."""
+  import jax.numpy as jnp
+  from crate_jax import models
+  from crate_jax.models import posemb
+  from crate_jax.training import checkpoint as ckpt_lib
+  small = dict(num_classes=10, image_size=32, depth=1, dim=48, heads=2, dim_head=24)
+  coarse = models.get("crate_alpha_t16", **small, patch_size=8)
+  fine = models.get("crate_alpha_t16", **small, patch_size=4)
+  params = coarse.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  ckpt_lib.save_params(str(tmp_path), params, {"step": 0})
+  abstract = jax.eval_shape(fine.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+  loaded, _ = ckpt_lib.load_params_for(abstract, str(tmp_path),
+                                       adapt=lambda p, a: models.adapt_params(fine, p, a))
+  assert loaded["embedding"]["kernel"].shape == (4, 4, 3, 48)
+  np.testing.assert_allclose(loaded["embedding"]["kernel"],
+                             posemb.resize_patch_kernel(params["embedding"]["kernel"], 4))
+  k = np.asarray(params["embedding"]["kernel"])
+  np.testing.assert_allclose(loaded["embedding"]["kernel"][0, 0], k[:2, :2].mean((0, 1)),
+                             rtol=1e-5, atol=1e-7)  # bilinear 2x down = mean of each 2x2 block
+  assert loaded["pos_embedding"].shape == (1, 65, 48)
+  np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], params["pos_embedding"][:, 0])
+  fine.apply({"params": loaded}, jnp.zeros((2, 32, 32, 3)))  # the fitted tree runs
