@@ -9,6 +9,10 @@ requirements = [line.strip() for line in (here / "requirements.txt").read_text()
 
 # torch==2.13.0 is the CPU build on Python 3.11; the GPU images already ship their own torch.
 TORCH = ["torch==2.13.0"]
+# libtpu for jax 0.10.2 (jax[tpu]==0.10.2 adds only libtpu 0.0.42.*, ~210 MB): the TPU runtime, and
+# the compiler `python -m crate_jax.plan` uses to compile for a TPU slice on a CPU-only machine.
+# The TPU images (jax 0.11.x) already ship their jax[tpu]: do not add this extra there.
+TPU = ["jax[tpu]==0.10.2"]
 
 setup(
     name="crate_jax",
@@ -21,6 +25,7 @@ setup(
     install_requires=requirements,
     extras_require={
         "torch": TORCH,
+        "tpu": TPU,
         "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
     },
     license="Apache-2.0",
