@@ -24,9 +24,11 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   # Model: a registry name plus constructor overrides (see crate_jax.models.get).
   c.model = ml_collections.ConfigDict()
   c.model.name = model
+  c.model.scan_layers = False     # one nn.scan over the layers: compile one layer, not depth
+  c.model.drop_path_rate = 0.0    # stochastic depth (CRATE, CRATE-alpha, ViT), linear in depth
   c.model.kwargs = ml_collections.ConfigDict({"patch_size": 16})  # image_size, num_classes: below
   c.compute_dtype = "bfloat16"   # params and optimizer state stay float32
-  c.remat = False
+  c.remat = "none"                # or full (= True), dots_saveable, ...: models.layers.REMAT_POLICIES
 
   # Data (crate_jax.data): a tfds dataset read with tf.data.
   c.data = ml_collections.ConfigDict()
@@ -159,11 +161,18 @@ def validate(config) -> None:
   need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
   need(0.0 < config.optimizer.layer_decay <= 1.0, "optimizer.layer_decay",
        "must be in (0, 1] (1 = off)")
+  need(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+  for key in ("dropout", "emb_dropout"):
+    if key in config.model.kwargs:
+      need(0.0 <= config.model.kwargs[key] < 1.0, f"model.kwargs.{key}", "must be in [0, 1)")
   for key in ("image_size", "num_classes"):
     model_value = config.model.kwargs.get(key, config.data[key])
     need(model_value == config.data[key], f"model.kwargs.{key}",
          f"differs from config.data.{key}={config.data[key]} (set it once, in config.data)")
   from crate_jax import models  # local: configs load without the model stack
+  from crate_jax.models import layers
+  need(config.remat in (True, False, "True", "False", "true", "false", *layers.REMAT_POLICIES),
+       "remat", f"is not one of {layers.REMAT_POLICIES} (or True/False)")
   from crate_jax.training import optim, steps
   metrics = steps.EVAL_METRICS[config.task]
   need(config.best_metric in ("", *metrics), "best_metric",

@@ -12,7 +12,7 @@ from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
 from crate_jax.models.family import (adapt_params, forward_flops, head_params, layer_ids,
-                                     layer_outputs)
+                                     layer_outputs, scan_layout)
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
 register("crate_tiny", CRATE, dim=384, depth=12, heads=6, dim_head=64)
@@ -40,7 +40,7 @@ for _size, (_dim, _depth, _heads) in MAE_SIZES.items():
   register(f"crate_mae_classifier_{_size}", CRATEMAEClassifier, **_arch)
 
 __all__ = ["CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
-           "from_config", "get", "head_params", "ista", "layer_ids", "layer_outputs", "mssa",
+           "from_config", "get", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
            "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",

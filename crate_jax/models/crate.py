@@ -114,14 +114,21 @@ class CRATELayer(nn.Module, kw_only=True):
   attention_impl: str | None = None
   return_weights: bool = False
   mssa_init: str = "torch"
+  dropout: float = 0.0            # on the MSSA output (the official to_out Dropout; 0 there)
+  deterministic: bool = True      # False while training: dropout and stochastic depth act
 
   @nn.compact
-  def __call__(self, z):
+  def __call__(self, z, drop_rate=None):
+    """drop_rate: stochastic depth of the MSSA residual branch (ISTA has no residual to drop)."""
     normed = L.layer_norm("norm_mssa", self.dtype)(z)
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, init=self.mssa_init, name="mssa")(
             normed, return_weights=self.return_weights)
+    if self.dropout > 0:
+      attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)
+    if drop_rate is not None and not self.deterministic:
+      attn_out = L.drop_path(self, attn_out, drop_rate)
     z_half = z + attn_out
     codes = ISTA(dim=self.dim, eta=self.eta, lambd=self.lambd, dtype=self.dtype, name="ista")(
         L.layer_norm("norm_ista", self.dtype)(z_half))
@@ -170,8 +177,12 @@ class CRATE(nn.Module, kw_only=True):
   eta: float = 0.1
   lambd: float = 0.1
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the layers (params stacked: layer_scan/...)
   attention_impl: str | None = None
+  drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last layer
+  dropout: float = 0.0            # MSSA output dropout (official default 0)
+  emb_dropout: float = 0.0        # dropout after the positional embedding (official default 0)
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
@@ -197,11 +208,14 @@ class CRATE(nn.Module, kw_only=True):
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
     z = self.embed(jnp.asarray(images, self.dtype))
+    if self.emb_dropout > 0:
+      z = nn.Dropout(rate=self.emb_dropout)(z, deterministic=not train)
     z, out = L.layer_stack(
         CRATELayer, z, depth=self.depth, name="layer_{i}", remat=self.remat,
-        collect=return_intermediates, dim=self.dim, heads=self.heads, dim_head=self.dim_head,
-        eta=self.eta, lambd=self.lambd, dtype=self.dtype, attention_impl=self.attention_impl,
-        return_weights=return_intermediates)
+        scan=self.scan_layers, collect=return_intermediates, drop_path_rate=self.drop_path_rate,
+        dim=self.dim, heads=self.heads, dim_head=self.dim_head, eta=self.eta, lambd=self.lambd,
+        dtype=self.dtype, attention_impl=self.attention_impl,
+        return_weights=return_intermediates, dropout=self.dropout, deterministic=not train)
     logits, pre_logits = self.pool_and_head(z)
     if not return_intermediates:
       return logits

@@ -97,20 +97,24 @@ class CRATEAlphaLayer(nn.Module, kw_only=True):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   return_weights: bool = False
+  deterministic: bool = True      # False while training: stochastic depth acts
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_rate=None):
+    """drop_rate: stochastic depth of both residual branches (big_vision's DropPath)."""
+    drop = ((lambda y: L.drop_path(self, y, drop_rate))
+            if drop_rate is not None and not self.deterministic else (lambda y: y))
     normed = L.layer_norm("LayerNorm_0", self.dtype, ALPHA_LN_EPS)(x)
     attn, features, weights = SubspaceAttention(
         heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, name="MultiHeadDotProductSubspaceAttention_0")(
             normed, return_weights=self.return_weights)
-    x_half = x + attn
+    x_half = x + drop(attn)
     decoded, codes = OvercompleteISTA(
         ratio=self.ratio, num_steps=self.num_steps, eta=self.eta, lambd=self.lambd,
         dtype=self.dtype, name="OvercompleteISTABlock_0")(
             L.layer_norm("LayerNorm_1", self.dtype, ALPHA_LN_EPS)(x_half))
-    out = x_half + decoded
+    out = x_half + drop(decoded)
     return out, {"normed": normed, "features": features, "attention": weights, "mssa": x_half,
                  "codes": codes, "blocks": out}
 
@@ -125,17 +129,21 @@ class _Encoder(nn.Module, kw_only=True):
   eta: float
   lambd: float
   dtype: Dtype
-  remat: bool
+  remat: bool | str
+  scan: bool
   attention_impl: str | None
   collect: bool
+  drop_path_rate: float
+  deterministic: bool
 
   @nn.compact
   def __call__(self, x):
     return L.layer_stack(
         CRATEAlphaLayer, x, depth=self.depth, name="encoderblock_{i}", remat=self.remat,
-        collect=self.collect, heads=self.heads, dim_head=self.dim_head, ratio=self.ratio,
-        num_steps=self.num_steps, eta=self.eta, lambd=self.lambd, dtype=self.dtype,
-        attention_impl=self.attention_impl, return_weights=self.collect)
+        scan=self.scan, collect=self.collect, drop_path_rate=self.drop_path_rate,
+        heads=self.heads, dim_head=self.dim_head, ratio=self.ratio, num_steps=self.num_steps,
+        eta=self.eta, lambd=self.lambd, dtype=self.dtype, attention_impl=self.attention_impl,
+        return_weights=self.collect, deterministic=self.deterministic)
 
 
 def alpha_flops(*, image_size: int, patch_size: int, channels: int, dim: int, depth: int,
@@ -175,8 +183,10 @@ class CRATEAlpha(nn.Module, kw_only=True):
   eta: float = 0.1
   lambd: float = 0.1
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the blocks (Transformer/encoderblock_scan)
   attention_impl: str | None = None
+  drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
 
@@ -198,8 +208,9 @@ class CRATEAlpha(nn.Module, kw_only=True):
     tokens, out = _Encoder(
         depth=self.depth, heads=self.heads, dim_head=self.dim_head, ratio=self.ratio,
         num_steps=self.num_ista_steps, eta=self.eta, lambd=self.lambd, dtype=self.dtype,
-        remat=self.remat, attention_impl=self.attention_impl, collect=return_intermediates,
-        name="Transformer")(x)
+        remat=self.remat, scan=self.scan_layers, attention_impl=self.attention_impl,
+        collect=return_intermediates, drop_path_rate=self.drop_path_rate,
+        deterministic=not train, name="Transformer")(x)
     pre_logits = L.layer_norm("encoder_norm", self.dtype, ALPHA_LN_EPS)(tokens)[:, 0]
     logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=nn.initializers.normal(0.02), bias_init=nn.initializers.zeros,

@@ -120,7 +120,8 @@ class CRATEMAEEncoder(nn.Module, kw_only=True):
   lambd: float = 0.5
   channels: int = 3
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the layers (layer_scan/...)
   attention_impl: str | None = None
 
   @nn.compact
@@ -139,7 +140,8 @@ class CRATEMAEEncoder(nn.Module, kw_only=True):
                            positions=sincos_pos_embedding(self.dim, grid))
     x, out = L.layer_stack(  # the classifier's layer, MAE init
         CRATELayer, x, depth=self.depth, name="layer_{i}", remat=self.remat,
-        collect=return_intermediates, dim=self.dim, heads=self.heads, dim_head=self.dim_head,
+        scan=self.scan_layers, collect=return_intermediates, dim=self.dim, heads=self.heads,
+        dim_head=self.dim_head,
         eta=self.eta, lambd=self.lambd, dtype=self.dtype, attention_impl=self.attention_impl,
         return_weights=return_intermediates, mssa_init="xavier")
     return L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x), out
@@ -149,7 +151,7 @@ def _encoder_kwargs(model) -> dict[str, Any]:
   """The CRATEMAEEncoder arguments of a CRATEMAE / CRATEMAEClassifier (same names, same values)."""
   return {f: getattr(model, f) for f in ("image_size", "patch_size", "dim", "depth", "heads",
                                          "dim_head", "eta", "lambd", "channels", "dtype", "remat",
-                                         "attention_impl")}
+                                         "scan_layers", "attention_impl")}
 
 
 def encoder_flops(model) -> float:
@@ -174,13 +176,15 @@ class CRATEMAEDecoder(nn.Module, kw_only=True):
   heads: int = 12
   dim_head: int = 64
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the layers (layer_scan/...)
   attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x):
     x, _ = L.layer_stack(DecoderLayer, x, depth=self.depth, name="layer_{i}", remat=self.remat,
-                         heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
+                         scan=self.scan_layers, heads=self.heads, dim_head=self.dim_head,
+                         dtype=self.dtype,
                          attention_impl=self.attention_impl)
     x = L.layer_norm("norm", self.dtype, MAE_NORM_EPS)(x)
     pred = nn.Dense(features=self.out_features, dtype=self.dtype, param_dtype=jnp.float32,
@@ -211,7 +215,8 @@ class CRATEMAE(nn.Module, kw_only=True):
   mask_ratio: float = 0.75
   norm_pix_loss: bool = False
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the layers (layer_scan/...)
   attention_impl: str | None = None
 
   head_params: ClassVar[tuple[str, ...]] = ()
@@ -229,7 +234,8 @@ class CRATEMAE(nn.Module, kw_only=True):
     depth, heads = self.decoder_arch()
     self.decoder = CRATEMAEDecoder(out_features=self.patch_size ** 2 * self.channels, depth=depth,
                                    heads=heads, dim_head=self.dim // heads, dtype=self.dtype,
-                                   remat=self.remat, attention_impl=self.attention_impl)
+                                   remat=self.remat, scan_layers=self.scan_layers,
+                                   attention_impl=self.attention_impl)
 
   @nn.nowrap
   def adapt_params(self, params: dict, abstract_params) -> dict:
@@ -299,7 +305,8 @@ class CRATEMAEClassifier(nn.Module, kw_only=True):
   lambd: float = 0.5
   pool: str = "cls"
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the layers (layer_scan/...)
   attention_impl: str | None = None
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "fc_norm")

@@ -5,15 +5,18 @@
   forward_flops(model)                      matmul FLOPs of one forward pass per example, or None
   layer_outputs(model, out)                 (L, B, N, d) each layer's output, from intermediates
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
+  scan_layout(params, scanned)              params between unrolled (layer_i) and scanned stacks
 """
 from __future__ import annotations
 
 import re
 
 import jax
+import numpy as np
 
 # The families' layer names (layers.layer_stack formats) and embedding parameters.
 LAYER_NAME = re.compile(r"^(?:layer|block|encoderblock)_(\d+)$")
+SCANNED_NAME = re.compile(r"^(layer|block|encoderblock)_scan$")
 EMBED_NAMES = frozenset({"patch_embed", "embedding", "cls_token", "cls", "pos_embedding",
                          "mask_token"})
 
@@ -24,9 +27,48 @@ def head_params(model) -> tuple[str, ...]:
 
 
 def adapt_params(model, params: dict, abstract_params) -> dict:
-  """model.adapt_params(params, abstract_params); `params` unchanged for modules without it."""
+  """Loaded params fitted to the model: first to its layer layout (unrolled or scanned, see
+  `scan_layout`), then by model.adapt_params (e.g. positions resized) where the family has it."""
+  params = scan_layout(params, _is_scanned(abstract_params))
   fit = getattr(model, "adapt_params", None)
   return params if fit is None else fit(params, abstract_params)
+
+
+def _is_scanned(tree) -> bool:
+  if not isinstance(tree, dict) and not hasattr(tree, "items"):
+    return False
+  return any(SCANNED_NAME.match(str(k)) or _is_scanned(v) for k, v in tree.items())
+
+
+def scan_layout(params, scanned: bool):
+  """`params` with every layer stack in the layout asked for: unrolled ({"layer_0": p_0, ...,
+  "layer_{L-1}": p_{L-1}}) or scanned ({"layer_scan": p}, each leaf stacked on a new leading
+  layer axis, as nn.scan keeps it); nested stacks (Transformer/encoderblock_i, encoder/layer_i,
+  decoder/layer_i) too. Converting twice returns the original arrays."""
+  if not hasattr(params, "items"):
+    return params
+  out, stacks, changed = {}, {}, False
+  for key, value in params.items():
+    m, s = LAYER_NAME.match(str(key)), SCANNED_NAME.match(str(key))
+    if scanned and m:
+      stacks.setdefault(str(key).rsplit("_", 1)[0], {})[int(m.group(1))] = value
+    elif not scanned and s:
+      changed = True
+      depth = len(jax.tree.leaves(value)[0])
+      for i in range(depth):
+        out[f"{s.group(1)}_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    else:
+      out[key] = scan_layout(value, scanned)
+      changed = changed or out[key] is not value
+  if not (changed or stacks):
+    return params  # nothing to convert here: the very same tree
+  for prefix, layers in stacks.items():
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(f"layers {prefix}_i are not numbered 0..{len(layers) - 1}: "
+                       f"{sorted(layers)}")
+    out[f"{prefix}_scan"] = jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]),
+                                         *[layers[i] for i in range(len(layers))])
+  return out
 
 
 def forward_flops(model) -> float | None:
@@ -47,15 +89,18 @@ def layer_outputs(model, out: dict):
 def layer_ids(model, params):
   """A tree like `params` of depth positions for layer-wise lr decay: 0 for the embeddings
   (patch stem, class token, positions), i + 1 for layer i, depth + 1 for the rest (final norms,
-  the head), found from the parameter names the families use."""
+  the head), found from the parameter names the families use; a scanned stack's leaves get an
+  array (L, 1, ...) of ids 1..L."""
   depth = int(model.depth)
 
-  def position(path, _):
+  def position(path, leaf):
     names = [getattr(k, "key", str(k)) for k in path]
     for name in names:
       m = LAYER_NAME.match(name)
       if m:
         return int(m.group(1)) + 1
+      if SCANNED_NAME.match(name):  # a stacked leaf: ids 1..L along its leading layer axis
+        return np.arange(1, leaf.shape[0] + 1).reshape((-1,) + (1,) * (len(leaf.shape) - 1))
     return 0 if EMBED_NAMES.intersection(names) else depth + 1
 
   return jax.tree_util.tree_map_with_path(position, params)

@@ -14,6 +14,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -125,19 +126,68 @@ def stack_layers(per_layer: Sequence[dict]) -> dict:
   return {k: jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
 
 
-def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool = False,
-                collect: bool = False, **layer_kwargs):
+# remat policy name -> what each layer saves for the backward pass (jax.checkpoint_policies).
+REMAT_POLICIES = ("none", "full", "layer_input", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(remat: bool | str):
+  """(remat on, jax checkpoint policy) of a model's `remat` field: False / "none" = off; True /
+  "full" / "layer_input" = recompute everything inside each layer, keep only its input;
+  "dots_saveable" keeps every matmul output; "dots_with_no_batch_dims_saveable" keeps the ones
+  without batch dimensions (the weight-sized ones)."""
+  if remat in (False, None, "", "none"):
+    return False, None
+  if remat is True or remat in ("full", "layer_input"):
+    return True, jax.checkpoint_policies.nothing_saveable
+  if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+    return True, getattr(jax.checkpoint_policies, remat)
+  raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES} (or True/False)")
+
+
+def scanned_name(name: str) -> str:
+  """The parameter name of a scanned stack: "layer_{i}" -> "layer_scan"."""
+  return name.format(i="scan")
+
+
+def drop_path_rates(rate: float, depth: int) -> np.ndarray:
+  """Stochastic depth rising linearly with depth: rate * l / (depth - 1) for layer l."""
+  return np.asarray([rate * l / max(depth - 1, 1) for l in range(depth)], np.float32)
+
+
+def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
+  """Stochastic depth on a residual branch: per example, 0 with probability `rate`, else
+  x / (1 - rate) (rate may be traced, e.g. scanned per layer). Uses the "dropout" rng."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool | str = False,
+                scan: bool = False, collect: bool = False, drop_path_rate: float = 0.0,
+                **layer_kwargs):
   """Z^{l+1}, inter_l = f_l(Z^l) for l < depth, f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
 
-  Call it inside the parent's compact method. Every layer returns (x, {name: array}); with
-  collect=True the intermediates are stacked (L, ...), else None. remat wraps the layer class in
-  nn.remat. The one place that runs a family's layers (a scan over layers would go here).
+  Call it inside the parent's compact method; the one place that runs a family's layers. Every
+  layer returns (x, {name: array}); with collect=True the intermediates are stacked (L, ...),
+  else None. remat takes a policy (`remat_policy`). scan=True runs one nn.scan over the layers:
+  one layer is compiled instead of `depth`, its parameters stacked on a leading layer axis under
+  `scanned_name(name)` (convert checkpoints with models.scan_layout). With drop_path_rate > 0 a
+  layer l is called as f_l(Z, drop_rate_l) (stochastic depth, `drop_path_rates`).
   Returns (Z^depth, stacked intermediates or None).
   """
-  cls = nn.remat(layer_cls) if remat else layer_cls
+  on, policy = remat_policy(remat)
+  cls = nn.remat(layer_cls, policy=policy, prevent_cse=not scan) if on else layer_cls
+  rates = drop_path_rates(drop_path_rate, depth) if drop_path_rate > 0 else None
+  if scan:
+    stack = nn.scan(cls, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=0, length=depth)(**layer_kwargs, name=scanned_name(name))
+    x, inter = stack(x) if rates is None else stack(x, jnp.asarray(rates))
+    return x, (inter if collect else None)
   per_layer = []
   for i in range(depth):
-    x, inter = cls(**layer_kwargs, name=name.format(i=i))(x)
+    layer = cls(**layer_kwargs, name=name.format(i=i))
+    x, inter = layer(x) if rates is None else layer(x, float(rates[i]))
     per_layer.append(inter)
   return x, (stack_layers(per_layer) if collect else None)
 

@@ -42,7 +42,8 @@ def _check(name: str) -> None:
 
 
 def from_config(config) -> nn.Module:
-  """The model a train config describes: config.model.{name, kwargs}, compute_dtype, remat."""
+  """The model a train config describes: config.model.{name, kwargs, scan_layers},
+  compute_dtype, remat (False/True or a policy name)."""
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
   _check(name)
@@ -53,8 +54,14 @@ def from_config(config) -> nn.Module:
       raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "
                        "float32, bfloat16, float16")
     kwargs.setdefault("dtype", getattr(jnp, config.compute_dtype))
-  if "remat" in fields and config.get("remat"):
-    kwargs.setdefault("remat", True)
+  if "remat" in fields and config.get("remat") not in (None, False, "", "none", "None", "False"):
+    kwargs.setdefault("remat", True if config.remat in (True, "True", "true") else config.remat)
+  if "scan_layers" in fields and config.model.get("scan_layers"):
+    kwargs.setdefault("scan_layers", True)
+  if config.model.get("drop_path_rate"):
+    if "drop_path_rate" not in fields:
+      raise ValueError(f"config.model.drop_path_rate: model {name!r} has no stochastic depth")
+    kwargs.setdefault("drop_path_rate", config.model.drop_path_rate)
   try:
     return get(name, **kwargs)
   except ValueError as e:

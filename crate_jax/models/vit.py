@@ -63,15 +63,24 @@ class ViTBlock(nn.Module, kw_only=True):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   return_weights: bool = False
+  dropout: float = 0.0            # on both branch outputs (timm's proj_drop / drop)
+  deterministic: bool = True      # False while training: dropout and stochastic depth act
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, drop_rate=None):
+    """drop_rate: stochastic depth of both residual branches (timm's DropPath)."""
+    def branch(y):
+      if self.dropout > 0:
+        y = nn.Dropout(rate=self.dropout)(y, deterministic=self.deterministic)
+      if drop_rate is not None and not self.deterministic:
+        y = L.drop_path(self, y, drop_rate)
+      return y
     attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
                          attention_impl=self.attention_impl, name="attn")(
         L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights)
-    x = x + attn
-    x = x + MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(
-        L.layer_norm("norm2", self.dtype, VIT_LN_EPS)(x))
+    x = x + branch(attn)
+    x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(
+        L.layer_norm("norm2", self.dtype, VIT_LN_EPS)(x)))
     return x, {"attention": weights, "blocks": x}
 
 
@@ -93,8 +102,11 @@ class ViT(nn.Module, kw_only=True):
   channels: int = 3
   pool: str = "cls"
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: bool | str = False       # or a policy: layers.REMAT_POLICIES
+  scan_layers: bool = False       # one nn.scan over the blocks (block_scan/...)
   attention_impl: str | None = None
+  drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
+  dropout: float = 0.0
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
 
@@ -117,9 +129,10 @@ class ViT(nn.Module, kw_only=True):
     x = self.embed(jnp.asarray(images, self.dtype))
     x, out = L.layer_stack(
         ViTBlock, x, depth=self.depth, name="block_{i}", remat=self.remat,
-        collect=return_intermediates, heads=self.heads, dim_head=self.dim_head,
-        mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention_impl=self.attention_impl,
-        return_weights=return_intermediates)
+        scan=self.scan_layers, collect=return_intermediates, drop_path_rate=self.drop_path_rate,
+        heads=self.heads, dim_head=self.dim_head, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+        attention_impl=self.attention_impl, return_weights=return_intermediates,
+        dropout=self.dropout, deterministic=not train)
     normed = L.layer_norm("norm", self.dtype, VIT_LN_EPS)(x)
     pre_logits = normed[:, 0] if self.pool == "cls" else normed[:, 1:].mean(axis=1)
     logits = _dense(features=self.num_classes, dtype=self.dtype, name="head")(pre_logits)

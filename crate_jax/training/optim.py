@@ -7,6 +7,7 @@ and does not depend on the epoch length).
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 
 OPTIMIZERS = ("lion", "adamw")
@@ -37,7 +38,8 @@ def decay_mask(params, mode: str):
 def layer_decay_scales(layer_ids, depth: int, decay: float):
   """lr multipliers decay^(depth + 1 - id): 1 for the head (id depth + 1), decay^(depth - i) for
   layer i (id i + 1), decay^(depth + 1) for the embeddings (id 0)."""
-  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - int(i)), layer_ids)
+  return jax.tree.map(lambda i: float(decay) ** (depth + 1 - np.asarray(i, np.float32)),
+                      layer_ids)
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:

@@ -162,3 +162,17 @@ def test_crate_alpha_warm_start_resizes_the_patch_kernel_and_positions(tmp_path)
   assert loaded["pos_embedding"].shape == (1, 65, 48)
   np.testing.assert_array_equal(loaded["pos_embedding"][:, 0], params["pos_embedding"][:, 0])
   fine.apply({"params": loaded}, jnp.zeros((2, 32, 32, 3)))  # the fitted tree runs
+
+
+def test_scanned_stochastic_depth_training_runs_and_bad_rates_are_refused(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, num_train_steps=3, remat="dots_saveable",
+                    **{"model.scan_layers": True, "model.drop_path_rate": 0.2})
+  result = train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert 0 < result["loss"] < 10
+  params, _ = ckpt_lib.load_params(str(tmp_path / "run"))
+  assert params["layer_scan"]["ista"]["D"].shape == (2, 32, 32)   # stacked: (layers, d, d)
+  bad = tiny_config(data_dir, **{"model.drop_path_rate": 1.0})
+  with pytest.raises(ValueError, match=r"config.model.drop_path_rate=1.0: must be in"):
+    train.train_and_evaluate(bad, str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match=r"config.remat='sometimes'"):
+    train.train_and_evaluate(tiny_config(data_dir, remat="sometimes"), str(tmp_path / "bad"))
