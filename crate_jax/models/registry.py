@@ -42,23 +42,26 @@ def _check(name: str) -> None:
 
 
 def from_config(config) -> nn.Module:
-  """The model a train config describes: config.model.{name, kwargs, scan_layers},
-  compute_dtype, remat (False/True or a policy name)."""
+  """The model a train config describes (crate_jax.config_lib.base_config's keys):
+  config.model.{name, kwargs, scan_layers, drop_path_rate}, compute_dtype, remat (a policy name
+  or True/False)."""
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
   _check(name)
-  kwargs = dict(config.model.get("kwargs", {}) or {})
+  kwargs = dict(config.model.kwargs)
   fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
-  if "dtype" in fields and config.get("compute_dtype"):
+  if "dtype" in fields:
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "
                        "float32, bfloat16, float16")
     kwargs.setdefault("dtype", getattr(jnp, config.compute_dtype))
-  if "remat" in fields and config.get("remat") not in (None, False, "", "none", "None", "False"):
-    kwargs.setdefault("remat", True if config.remat in (True, "True", "true") else config.remat)
-  if "scan_layers" in fields and config.model.get("scan_layers"):
+  remat = {"True": True, "true": True, "False": False, "false": False}.get(str(config.remat),
+                                                                           config.remat)
+  if "remat" in fields and remat not in (False, "none"):
+    kwargs.setdefault("remat", remat)
+  if "scan_layers" in fields and config.model.scan_layers:
     kwargs.setdefault("scan_layers", True)
-  if config.model.get("drop_path_rate"):
+  if config.model.drop_path_rate:
     if "drop_path_rate" not in fields:
       raise ValueError(f"config.model.drop_path_rate: model {name!r} has no stochastic depth")
     kwargs.setdefault("drop_path_rate", config.model.drop_path_rate)
