@@ -4,7 +4,7 @@ and collectives.
 
   python -m crate_jax.plan --config configs/crate_base.py --topology v5e:2x2
   python -m crate_jax.plan --config configs/crate_base_pod.py --topology v4-128 --json
-  python -m crate_jax.plan --config configs/crate_large.py --topology v5p-8 --max-batch
+  python -m crate_jax.plan --config configs/crate_large.py --topology v5p-8 --max-batch --noeval
 
 The steps are the ones `crate_jax.train` runs (train.plan with the slice's devices and hosts, then
 training.program.build); the figures are the compiler's, not a measured TPU speed. Exit status:
@@ -32,11 +32,7 @@ _OOM_BYTES = re.compile(r"\(([\d.]+)([KMGT])\)")
 FIGURES = ("argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "generated_code_bytes",
            "hbm_needed_bytes", "flops_per_chip", "collectives", "compile_s")
 EXIT_DOES_NOT_FIT = 1
-MAX_PER_CHIP = 2 ** 20   # --max_batch gives up beyond this per-chip batch
-
-
-class DoesNotFitError(Exception):
-  """The compiled step needs more HBM than the chip has."""
+MAX_PER_CHIP = 2 ** 20   # --max-batch gives up beyond this per-chip batch
 
 
 @dataclasses.dataclass
@@ -192,6 +188,7 @@ def report(config, slc: Slice, with_eval: bool = True) -> dict:
          "fits": fits(train, slc.hbm_capacity), "analytic_flops_per_chip": analytic}
   flops = train.get("flops_per_chip")
   out["flops_ratio"] = round(flops / analytic, 4) if flops and analytic else None
+  out["eval"] = None   # not compiled: --noeval, or the train step does not fit
   if with_eval and out["fits"]:
     ev = eval_figures(config, p, prog)
     ev["fits"] = fits(ev, slc.hbm_capacity)
@@ -201,14 +198,14 @@ def report(config, slc: Slice, with_eval: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------ max batch
-def max_batch(config, slc: Slice, progress=None) -> dict:
+def max_batch(config, slc: Slice, progress=None, known: dict | None = None) -> dict:
   """The largest per-chip batch whose train step fits, in few compiles.
 
   From the config's batch, each next guess is where HBM reaches the capacity on the straight
   line through the nearest compiled points (HBM grows about linearly with the batch), clamped
   to the bracket found so far; it stops once the largest batch that
   fits and the smallest that does not are within lo / 16 (and a multiple of 8 and of
-  grad_accum_steps) of each other: a handful of compiles.
+  grad_accum_steps) of each other: a handful of compiles. `known`: figures already compiled.
   """
   chips, cap = len(slc.devices), slc.hbm_capacity
   if cap is None:
@@ -216,18 +213,21 @@ def max_batch(config, slc: Slice, progress=None) -> dict:
   q = int(config.grad_accum_steps)
   start = max(q, config.batch_size // chips // q * q)
   g = math.lcm(q, 8) if start >= 8 else q   # TPU-friendly multiples of 8 when large enough
-  seen: dict[int, dict] = {}
+  seen: dict[int, dict] = dict(known or {})   # per-chip batch -> train figures
 
   def measure(b):
-    seen[b] = train_figures(with_batch(config, b, chips), slc)[0]
+    if b not in seen:
+      seen[b] = train_figures(with_batch(config, b, chips), slc)[0]
     if progress:
       progress(b, seen[b], fits(seen[b], cap))
     return fits(seen[b], cap)
 
   lo, hi = (start, None) if measure(start) else (0, start)
+  creeping = False
   while (hi is None or hi - lo > _resolution(lo, g)) and lo < MAX_PER_CHIP:
-    b = _next_guess(lo, hi, seen, cap, g)
-    if measure(b):
+    b = _next_guess(lo, hi, seen, cap, g, bisect=creeping)
+    creeping = measure(b) and b == lo + _resolution(lo, g)
+    if fits(seen[b], cap):
       lo = b
     else:
       hi = b
@@ -239,14 +239,15 @@ def _resolution(lo: int, g: int) -> int:
   return max(g, lo // 16 // g * g)
 
 
-def _next_guess(lo: int, hi: int | None, seen: dict, cap: int, g: int) -> int:
-  """A little below where the line through the nearest known points crosses the capacity (so
-  that it most likely fits and the next guess closes the bracket); doubling or bisecting when
-  there is no line; always a multiple of g strictly inside the bracket."""
+def _next_guess(lo: int, hi: int | None, seen: dict, cap: int, g: int, bisect: bool) -> int:
+  """A little below where the HBM line crosses the capacity (so that it most likely fits and
+  the next guess closes the bracket); doubling or bisecting when there is no line or the last
+  guess crept up by the smallest step (the compiler squeezes memory near the capacity, so the
+  line flattens there); always a multiple of g strictly inside the bracket."""
   step = _resolution(lo, g)
   low = lo + step if lo else g
   high = 8 * lo if hi is None else hi - step
-  guess = _linear_guess(lo, hi, seen, cap)
+  guess = None if bisect else _linear_guess(lo, hi, seen, cap)
   if guess is None:
     guess = 2 * lo if hi is None else (lo + hi) / 2
   else:
@@ -256,17 +257,22 @@ def _next_guess(lo: int, hi: int | None, seen: dict, cap: int, g: int) -> int:
 
 
 def _linear_guess(lo: int, hi: int | None, seen: dict, cap: int) -> float | None:
-  """Per-chip batch at which the HBM line reaches `cap`, from compiled figures."""
-  points = [(b, f["hbm_needed_bytes"]) for b, f in seen.items()
-            if f.get("hbm_needed_bytes") is not None and b in (lo, hi)]
-  if len(points) == 1 and "temp_bytes" in seen[points[0][0]]:
-    b, f = points[0][0], seen[points[0][0]]   # temporaries scale with the batch, the rest not
-    fixed = f["hbm_needed_bytes"] - f["temp_bytes"]
-    return b * (cap - fixed) / f["temp_bytes"] if f["temp_bytes"] else None
-  if len(points) < 2 or points[0][1] == points[1][1]:
+  """Per-chip batch at which HBM reaches `cap`: on the line through the bracket's compiled
+  points, or from one: its temporaries scale with the batch, the rest (the state) does not. A
+  compiler OOM is used only without a compiled point (its figure counts temporaries alone)."""
+  compiled = [(b, seen[b]) for b in (lo, hi) if b in seen and seen[b]["temp_bytes"]]
+  if len(compiled) == 2:
+    (b0, f0), (b1, f1) = compiled
+    m0, m1 = f0["hbm_needed_bytes"], f1["hbm_needed_bytes"]
+    if m1 != m0:
+      return b0 + (cap - m0) * (b1 - b0) / (m1 - m0)
+  points = compiled or [(b, seen[b]) for b in (lo, hi) if b in seen and
+                        seen[b]["hbm_needed_bytes"]]
+  if not points:
     return None
-  (b0, m0), (b1, m1) = points
-  return b0 + (cap - m0) * (b1 - b0) / (m1 - m0)
+  b, f = points[0]
+  temp = f["temp_bytes"] or f["hbm_needed_bytes"]
+  return b * (cap - (f["hbm_needed_bytes"] - temp)) / temp
 
 
 # ---------------------------------------------------------------------------------- print
@@ -339,9 +345,10 @@ def main(argv):
   f = flags.FLAGS
   slc = Slice.create(f.topology, quiet=not cli.debug_requested(sys.argv[1:]))
   config = f.config
-  r = report(config, slc)
+  r = report(config, slc, with_eval=f.eval)
   if f.max_batch:
-    r["max_batch"] = max_batch(config, slc, progress=None if f.json else _progress)
+    known = {r["per_chip_batch"]: {k: r[k] for k in (*FIGURES, "compile_error")}}
+    r["max_batch"] = max_batch(config, slc, progress=_progress, known=known)
   print(json.dumps(r, indent=2) if f.json else format_report(r), flush=True)
   if not r["fits"]:
     cli.fail(does_not_fit_message(r))
@@ -361,6 +368,7 @@ def define_flags():
   cli.define_config_flag(None)
   flags.DEFINE_string("topology", None, f"TPU slice: {tpu_topology.ACCEPTED}.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+  flags.DEFINE_bool("eval", True, "Also compile the eval step (--noeval: the train step only).")
   flags.DEFINE_bool("max_batch", False, "Also search the largest per-chip batch that fits "
                     "(a few more compiles).")
   flags.mark_flags_as_required(["config", "topology"])
