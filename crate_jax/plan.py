@@ -130,6 +130,12 @@ def compile_step(jitted, *args) -> dict:
   return out
 
 
+def remat_policy(remat) -> str:
+  """config.remat as the policy it selects: none, full or a policy name."""
+  name = {"True": "full", "true": "full", "False": "none", "false": "none"}.get(str(remat))
+  return name or ("full" if remat is True else "none" if remat is False else str(remat))
+
+
 def fits(figures: dict, capacity: int | None) -> bool:
   """Compiled, and (when the chip's HBM is known) needs no more than it."""
   if figures["compile_error"]:
@@ -182,12 +188,16 @@ def report(config, slc: Slice, with_eval: bool = True) -> dict:
   analytic = None if per_example is None else per_example * per_chip
   out = {"topology": slc.topology.name, "jax_topology": slc.topology.jax_name, "chips": chips,
          "hosts": slc.hosts, "chip_kind": slc.chip_kind, "model": config.model.name,
-         "mesh": dict(p.mesh.shape), "remat": bool(config.remat), "global_batch": config.batch_size,
+         "mesh": dict(p.mesh.shape), "remat": remat_policy(config.remat),
+         "scan_layers": bool(config.model.scan_layers), "global_batch": config.batch_size,
          "per_host_batch": config.batch_size // slc.hosts, "per_chip_batch": per_chip,
          "hbm_capacity_bytes": slc.hbm_capacity, **train,
          "fits": fits(train, slc.hbm_capacity), "analytic_flops_per_chip": analytic}
   flops = train.get("flops_per_chip")
-  out["flops_ratio"] = round(flops / analytic, 4) if flops and analytic else None
+  # XLA's cost analysis counts a loop body once: a scanned stack's compiled FLOPs are one
+  # layer's, not comparable with the analytic count of all of them.
+  comparable = flops and analytic and not config.model.scan_layers
+  out["flops_ratio"] = round(flops / analytic, 4) if comparable else None
   out["eval"] = None   # not compiled: --noeval, or the train step does not fit
   if with_eval and out["fits"]:
     ev = eval_figures(config, p, prog)
@@ -302,11 +312,13 @@ def format_report(r: dict) -> str:
   lines = [f"{r['model']} on {r['topology']} ({r['jax_topology']}: {r['chips']} chips "
            f"{r['chip_kind']}, {r['hosts']} host{'s' * (r['hosts'] > 1)}); mesh {mesh}; batch "
            f"{r['global_batch']} = {r['per_host_batch']} per host = {r['per_chip_batch']} "
-           f"per chip{'; remat' if r['remat'] else ''}"]
+           f"per chip; remat {r['remat']}{'; scanned layers' if r.get('scan_layers') else ''}"]
   lines += format_step("train step", r, r["hbm_capacity_bytes"])
-  if r.get("analytic_flops_per_chip") and r.get("flops_per_chip"):
+  if r.get("flops_ratio"):
     lines[-2] += (f", {r['analytic_flops_per_chip']:.4g} analytic (compiled / analytic "
                   f"{r['flops_ratio']:.3f})")
+  elif r.get("scan_layers") and r.get("flops_per_chip"):
+    lines[-2] += " (one layer of the scanned stack: XLA counts a loop body once)"
   if r.get("eval"):
     lines += format_step(f"eval step (batch {r['eval']['per_chip_batch']} per chip)", r["eval"],
                          r["hbm_capacity_bytes"])

@@ -87,6 +87,13 @@ def test_verdict_and_message():
       117.18 * GIB)
 
 
+@pytest.mark.parametrize("remat, policy", [("none", "none"), (False, "none"), ("False", "none"),
+                                           (True, "full"), ("true", "full"), ("full", "full"),
+                                           ("dots_saveable", "dots_saveable")])
+def test_remat_reported_as_the_policy_it_selects(remat, policy):
+  assert plan.remat_policy(remat) == policy
+
+
 def test_max_batch_search_is_short(monkeypatch):
   """HBM = 1 GiB + 50 MiB per example on a 16 GiB chip: 307 fit; found within 1/16."""
   def figures(config, slc):
@@ -131,6 +138,7 @@ def test_plan_compiles_train_and_eval_step_for_a_tpu_slice():
   assert r["collectives"]["all-reduce"] >= 1
   assert r["eval"]["fits"] and r["eval"]["flops_per_chip"] > 0
   assert r["compile_s"] > 0
+  assert (r["remat"], r["scan_layers"]) == ("none", False)
 
 
 @needs_libtpu
