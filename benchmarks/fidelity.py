@@ -37,8 +37,16 @@ def recipe(seed: int, epochs: int, data_dir: str):
 
 
 def run_jax(config, workdir: str) -> dict:
+  """One crate_jax run to the end. A run stopped early (SIGTERM saves and returns, as on a
+  preemption) would report its last eval as if final: refused, so no half run is averaged."""
   from crate_jax import train
+  from crate_jax.training import metrics
   result = train.train_and_evaluate(config, workdir)
+  total = train.plan(config).total_steps
+  last = max(r["step"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
+  if last != total:
+    raise SystemExit(f"the crate_jax run in {workdir} stopped at step {last} of {total} "
+                     "(interrupted?); not counted")
   return {"top1": result["top1"], "loss": result["loss"]}
 
 
@@ -51,12 +59,12 @@ def lr_at(step: int, config, total: int, steps_per_epoch: int) -> float:
   return 0.5 * peak * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def run_torch(config, seed: int) -> dict:
+def run_torch(config, seed: int, threads: int | None = None) -> dict:
   import torch
   from crate_jax import data as data_lib
   from crate_jax.interop.torch_reference import CRATE as TorchCRATE
   torch.manual_seed(seed)
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(threads or os.cpu_count() or 1)
   k = config.model.kwargs
   model = TorchCRATE(image_size=k.image_size, patch_size=k.patch_size, num_classes=k.num_classes,
                      dim=k.dim, depth=k.depth, heads=k.heads, dim_head=k.dim_head)
@@ -102,6 +110,9 @@ def main(argv=None) -> int:
   parser.add_argument("--epochs", type=int, default=8)
   parser.add_argument("--data-dir", default=None, help="tfds dir (default: a temporary one)")
   parser.add_argument("--json", default=None, help="also write the runs to this JSON file")
+  parser.add_argument("--torch-threads", type=int, default=None,
+                      help="PyTorch intra-op threads (default: all cores; 1 on a busy machine, "
+                      "where oversubscribed threads slow it several-fold)")
   args = parser.parse_args(argv)
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="fidelity_tfds_")
   runs = {f: [] for f in args.frameworks}
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
       config = recipe(seed, args.epochs, data_dir)
       t = time.perf_counter()
       result = (run_jax(config, tempfile.mkdtemp(prefix=f"fidelity_{seed}_"))
-                if framework == "jax" else run_torch(config, seed))
+                if framework == "jax" else run_torch(config, seed, args.torch_threads))
       result.update(seed=seed, seconds=round(time.perf_counter() - t, 1))
       runs[framework].append(result)
       print(f"{framework:5s} seed {seed}: top-1 {100 * result['top1']:.1f}%  "

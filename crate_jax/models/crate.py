@@ -120,6 +120,7 @@ class CRATELayer(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, z, drop_rate=None):
     """drop_rate: stochastic depth of the MSSA residual branch (ISTA has no residual to drop)."""
+    z = L.batch_split(z)
     normed = L.layer_norm("norm_mssa", self.dtype)(z)
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
@@ -129,7 +130,7 @@ class CRATELayer(nn.Module, kw_only=True):
       attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)
     if drop_rate is not None and not self.deterministic:
       attn_out = L.drop_path(self, attn_out, drop_rate)
-    z_half = z + attn_out
+    z_half = L.batch_split(z + attn_out)
     codes = ISTA(dim=self.dim, eta=self.eta, lambd=self.lambd, dtype=self.dtype, name="ista")(
         L.layer_norm("norm_ista", self.dtype)(z_half))
     return codes, {"normed": normed, "features": features, "attention": weights, "mssa": z_half,

@@ -104,12 +104,13 @@ class CRATEAlphaLayer(nn.Module, kw_only=True):
     """drop_rate: stochastic depth of both residual branches (big_vision's DropPath)."""
     drop = ((lambda y: L.drop_path(self, y, drop_rate))
             if drop_rate is not None and not self.deterministic else (lambda y: y))
+    x = L.batch_split(x)
     normed = L.layer_norm("LayerNorm_0", self.dtype, ALPHA_LN_EPS)(x)
     attn, features, weights = SubspaceAttention(
         heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, name="MultiHeadDotProductSubspaceAttention_0")(
             normed, return_weights=self.return_weights)
-    x_half = x + drop(attn)
+    x_half = L.batch_split(x + drop(attn))
     decoded, codes = OvercompleteISTA(
         ratio=self.ratio, num_steps=self.num_steps, eta=self.eta, lambd=self.lambd,
         dtype=self.dtype, name="OvercompleteISTABlock_0")(

@@ -91,6 +91,7 @@ class DecoderLayer(nn.Module, kw_only=True):
 
   @nn.compact
   def __call__(self, x):
+    x = L.batch_split(x)
     d = x.shape[-1]
     D = self.param("D", L.kaiming_uniform_init(d), (d, d), jnp.float32)
     h, D = L.cast(self.dtype, L.layer_norm("norm_ista", self.dtype)(x), D)

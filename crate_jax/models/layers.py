@@ -20,6 +20,22 @@ Dtype = Any
 
 # PyTorch's nn.LayerNorm default; Flax's is 1e-6 (a parity trap).
 TORCH_LN_EPS = 1e-5
+# Logical name of the batch axis of activations; the train program maps it to mesh axes.
+BATCH_AXIS = "batch"
+
+
+def batch_split(x: jax.Array) -> jax.Array:
+  """x constrained to be split along its leading (batch) axis as the logical rule "batch" says.
+
+  With FSDP the parameters are split over the mesh too, and without this the compiler may split
+  the activations along a parameter's axis instead (measured: CRATE-B's train step needed 4x
+  the HBM per chip with fsdp = 8). A no-op when no axis rules are set (no mesh: tests, analysis).
+  """
+  axes = dict(nn.get_logical_axis_rules()).get(BATCH_AXIS)
+  if not axes:
+    return x
+  spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)   # on the mesh in context
 
 
 def uniform_init(bound: float):

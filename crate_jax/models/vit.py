@@ -75,10 +75,11 @@ class ViTBlock(nn.Module, kw_only=True):
       if drop_rate is not None and not self.deterministic:
         y = L.drop_path(self, y, drop_rate)
       return y
+    x = L.batch_split(x)
     attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
                          attention_impl=self.attention_impl, name="attn")(
         L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights)
-    x = x + branch(attn)
+    x = L.batch_split(x + branch(attn))
     x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(
         L.layer_norm("norm2", self.dtype, VIT_LN_EPS)(x)))
     return x, {"attention": weights, "blocks": x}

@@ -7,6 +7,7 @@ optimizer-state shardings (FSDP rules in `sharding`), global batch, dtypes and d
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from crate_jax import models
+from crate_jax.models import layers
 from crate_jax.training import optim, sharding, steps
 
 
@@ -42,6 +44,19 @@ class Program:
     return spec
 
 
+def in_mesh(fn: Callable, mesh) -> Callable:
+  """fn traced with `mesh` in context and the logical batch axis (models.layers.batch_split)
+  mapped to the mesh's batch axes, so activations stay batch-split under FSDP."""
+  import flax.linen as nn
+  rules = ((layers.BATCH_AXIS, sharding.BATCH_AXES),)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: int,
           image_shape: tuple) -> Program:
   """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule."""
@@ -61,11 +76,11 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
                           abstract, state_sh)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
-                            grad_accum_steps=config.grad_accum_steps,
-                            ema_decay=config.ema_decay),
+      in_mesh(steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
+                                    grad_accum_steps=config.grad_accum_steps,
+                                    ema_decay=config.ema_decay), mesh),
       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model, task=task),
+  eval_step = jax.jit(in_mesh(steps.make_eval_step(model, task=task), mesh),
                       in_shardings=(state_sh.params, data_sh))
   return Program(tx=tx, schedule=schedule, state_sharding=state_sh, data_sharding=data_sh,
                  abstract_state=abstract, init=jax.jit(init, out_shardings=state_sh),
