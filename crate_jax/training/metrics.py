@@ -84,7 +84,9 @@ class ConsoleWriter:
       cols.append(f"top1 {s['train/top1']:.3f}")
     if "train/lr" in s:
       cols.append(f"lr {s['train/lr']:.1e}")
-    if "perf/img_per_sec" in s:
+    if "perf/tokens_per_sec" in s:  # the text tasks
+      cols.append(f"{s['perf/tokens_per_sec']:.0f} tok/s")
+    elif "perf/img_per_sec" in s:
       cols.append(f"{s['perf/img_per_sec']:.0f} img/s")
     if "perf/mfu" in s:
       cols.append(f"MFU {100 * s['perf/mfu']:.1f}%")
