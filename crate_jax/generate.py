@@ -56,36 +56,48 @@ def cached_step(model, params, cache, tokens):
 
 def generate(model, params, prompt_ids, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, seed: int = 0, use_cache: bool = True) -> np.ndarray:
-  """The prompt's ids followed by max_new_tokens sampled ones (int32 (n + max_new_tokens,))."""
-  prompt_ids = np.asarray(prompt_ids, np.int32)
+  """The prompt's ids followed by max_new_tokens sampled ones (int32 (n + max_new_tokens,)).
+
+  The model sees at most its max_len positions. Without the cache each token is predicted from
+  the last max_len tokens. With it, when the cache is full it restarts from the last
+  max_len // 2 tokens (one prefill), so the two paths agree while the text fits in max_len.
+  """
+  prompt_ids = np.asarray(prompt_ids, np.int32).reshape(-1)
   if prompt_ids.size == 0:
     raise ValueError("--prompt is empty: give the text to continue (at least one character)")
-  total = prompt_ids.size + max_new_tokens
-  if total > model.max_len:
-    raise ValueError(f"prompt ({prompt_ids.size} tokens) + --max-new-tokens {max_new_tokens} = "
-                     f"{total} is longer than the model's position table max_len="
-                     f"{model.max_len}")
+  window = int(model.max_len)
   params = models.scan_layout(params, False)
   rng = jax.random.key(seed)
   pick = jax.jit(lambda logits, key: sample(logits, key, temperature, top_k))
-  out = list(prompt_ids)
-  use_cache = use_cache and getattr(model, "block", "crate") == "crate"
-  if use_cache:
+  out = [int(i) for i in prompt_ids]
+  if use_cache and getattr(model, "block", "crate") == "crate":
     dec = decoding_model(model)
     step = jax.jit(lambda p, c, t: cached_step(dec, p, c, t))
-    cache = init_cache(dec, 1, total)
-    logits, cache = step(params, cache, jnp.asarray(prompt_ids)[None])
+
+    def prefill(ids):
+      cache = init_cache(dec, 1, window)
+      logits, cache = step(params, cache, jnp.asarray(ids, jnp.int32)[None])
+      return logits, cache, len(ids)
+
+    logits, cache, filled = prefill(out[-window:] if len(out) <= window
+                                    else out[-(window // 2):])
     for i in range(max_new_tokens):
       token = pick(logits[:, -1], jax.random.fold_in(rng, i))
       out.append(int(token[0]))
-      if i + 1 < max_new_tokens:
+      if i + 1 == max_new_tokens:
+        break
+      if filled == window:
+        logits, cache, filled = prefill(out[-(window // 2):])
+      else:
         logits, cache = step(params, cache, token[:, None].astype(jnp.int32))
+        filled += 1
     return np.asarray(out, np.int32)
   full = jax.jit(lambda p, t: model.apply({"params": p}, t))
   for i in range(max_new_tokens):
-    buf = np.zeros((1, total), np.int32)  # one compiled shape; causal: the tail is not seen
-    buf[0, :len(out)] = out
-    logits = full(params, jnp.asarray(buf))[:, len(out) - 1]
+    context = out[-window:]
+    buf = np.zeros((1, window), np.int32)  # one compiled shape; causal: the tail is not seen
+    buf[0, :len(context)] = context
+    logits = full(params, jnp.asarray(buf))[:, len(context) - 1]
     out.append(int(pick(logits, jax.random.fold_in(rng, i))[0]))
   return np.asarray(out, np.int32)
 
