@@ -169,14 +169,36 @@ def text_config(model: str = "crate_gpt_small", task: str = "lm") -> ml_collecti
   return c
 
 
+def reads_text(config) -> bool:
+  """The model reads tokens: a text task, or classification of a text dataset (GLUE)."""
+  from crate_jax.data import text_datasets
+  return config.task in TEXT_TASKS or text_datasets.is_text(config.data.name)
+
+
 def tokens_per_example(config) -> int | None:
-  """Tokens of one training example (text tasks: seq_len), for tokens/s; None for images."""
-  return int(config.data.seq_len) if config.task in TEXT_TASKS else None
+  """Tokens of one training example (text: seq_len), for tokens/s; None for images."""
+  return int(config.data.seq_len) if reads_text(config) else None
+
+
+def text_classification_config(model: str = "crate_bert_base",
+                               dataset: str = "glue/sst2") -> ml_collections.ConfigDict:
+  """`text_config` for fine-tuning a text model to classify sequences of a GLUE task: the
+  model's classifier head gets data.num_classes; warm-start it with init_from."""
+  from crate_jax.data import text_datasets
+  c = text_config(model, task="classification")
+  info = text_datasets.spec(dataset)
+  c.data.name, c.data.train_split, c.data.eval_split = dataset, info.train_split, info.eval_split
+  c.data.num_classes = info.num_classes
+  c.model.kwargs.num_classes = c.data.get_ref("num_classes")
+  c.optimizer.lr = 5e-5
+  c.optimizer.warmup_epochs = 0.1
+  c.num_epochs = 3
+  return c
 
 
 def input_shape(config) -> tuple:
-  """One example's model input: (seq_len,) tokens for the text tasks, else (H, W, 3) images."""
-  if config.task in TEXT_TASKS:
+  """One example's model input: (seq_len,) tokens for text, else (H, W, 3) images."""
+  if reads_text(config):
     return (int(config.data.seq_len),)
   return (config.data.image_size, config.data.image_size, 3)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -206,7 +228,7 @@ def validate(config) -> None:
   for key in ("dropout", "emb_dropout"):
     if key in config.model.kwargs:
       need(0.0 <= config.model.kwargs[key] < 1.0, f"model.kwargs.{key}", "must be in [0, 1)")
-  if config.task in TEXT_TASKS:
+  if reads_text(config):
     _validate_text(config, need)
   for key in ("image_size", "num_classes"):
     model_value = config.model.kwargs.get(key, config.data[key])
@@ -233,6 +255,14 @@ def _validate_text(config, need) -> None:
   tokenizers.check(config.data.tokenizer)
   need(text_datasets.is_text(config.data.name), "data.name",
        f"is not a text dataset (task {config.task!r}); known: {text_datasets.names()}")
+  classifying = text_datasets.is_classification(config.data.name)
+  need(classifying == (config.task == "classification"), "task",
+       f"does not fit the text dataset {config.data.name!r} (use "
+       f"{'classification' if classifying else 'lm or mlm'})")
+  if classifying:
+    classes = text_datasets.spec(config.data.name).num_classes
+    need(config.data.num_classes == classes, "data.num_classes",
+         f"{config.data.name} has {classes} classes")
   need(config.data.seq_len >= 2, "data.seq_len", "must be >= 2")
   need(0.0 < config.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
   from crate_jax import models

@@ -14,6 +14,10 @@ each epoch cuts the text at new places.
 
 Eval: the whole split's stream cut into rows from offset 0, the rows split contiguously over the
 processes; every process yields the same number of full batches, padding rows have mask 0.
+
+Sequence classification (GLUE by tfds name, e.g. glue/sst2): each example's text features joined
+by end-of-document, truncated / padded (pad id) to seq_len: {"tokens", "label", "labels"}; epoch
+e of a process is a permutation of its examples seeded by (seed, process, process count, e).
 """
 from __future__ import annotations
 
@@ -87,8 +91,72 @@ def process_split(split: str, pi: int, pc: int, drop_remainder: bool = True) -> 
 
 
 def num_sequences(data_cfg, split: str) -> int:
-  """Packed sequences of config.data.seq_len tokens in `split` (for steps per epoch)."""
+  """Packed sequences of config.data.seq_len tokens in `split` (for steps per epoch); a
+  classification dataset's examples."""
+  if text_datasets.is_classification(data_cfg.name):
+    return len(labelled_examples(data_cfg, split)[1])
   return len(token_stream(data_cfg, split)) // int(data_cfg.seq_len)
+
+
+def labelled_examples(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 (n, seq_len) padded with pad_id, labels int32 (n,)) of a classification split."""
+  builder = get_builder(data_cfg)
+  seq_len = int(data_cfg.seq_len)
+  key = ("classification", str(builder.data_dir), str(split), data_cfg.tokenizer, seq_len)
+  if key in _STREAMS:
+    return _STREAMS[key]
+  tok = tokenizers.get(data_cfg.tokenizer)
+  info = text_datasets.spec(data_cfg.name)
+  datasets.split_size(builder, split)
+  rows, labels = [], []
+  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+    parts = []
+    for i, k in enumerate(info.text_keys):
+      if i:
+        parts.append(np.asarray([tok.eos_id], np.int32))
+      parts.append(tok.encode(ex[k].decode("utf-8")))
+    ids = np.concatenate(parts)[:seq_len]
+    rows.append(np.pad(ids, (0, seq_len - len(ids)), constant_values=tok.pad_id))
+    labels.append(int(ex["label"]))
+  out = (np.stack(rows).astype(np.int32) if rows else np.zeros((0, seq_len), np.int32),
+         np.asarray(labels, np.int32))
+  _STREAMS[key] = out
+  return out
+
+
+def _classification_train(data_cfg, local, seed, pi, pc, start_step):
+  tokens, labels = labelled_examples(data_cfg, process_split(data_cfg.train_split, pi, pc))
+  if len(labels) < local:
+    raise ValueError(f"process {pi} holds {len(labels)} examples of {data_cfg.name}:"
+                     f"{data_cfg.train_split}, fewer than one local batch of {local}")
+  classes = int(data_cfg.num_classes)
+  steps, step, cached, perm = len(labels) // local, start_step, None, None
+  while True:
+    epoch, s = divmod(step, steps)
+    if epoch != cached:
+      perm = epoch_plan(seed, pi, pc, epoch, len(labels), 1)[1]
+      cached = epoch
+    idx = perm[s * local:(s + 1) * local]
+    yield {"tokens": tokens[idx], "label": labels[idx],
+           "labels": np.eye(classes, dtype=np.float32)[labels[idx]]}
+    step += 1
+
+
+def _classification_eval(data_cfg, local, split, pi, pc):
+  tokens, labels = labelled_examples(data_cfg, split)
+  mine = np.array_split(np.arange(len(labels)), pc)[pi]
+  num_batches = -(-(-(-len(labels) // pc)) // local)
+  classes = int(data_cfg.num_classes)
+  pad = tokenizers.get(data_cfg.tokenizer).pad_id
+  for i in range(num_batches):
+    idx = mine[i * local:(i + 1) * local]
+    batch_tokens = np.full((local, tokens.shape[1]), pad, np.int32)
+    batch_tokens[:len(idx)] = tokens[idx]
+    label = np.zeros((local,), np.int32)
+    label[:len(idx)] = labels[idx]
+    yield {"tokens": batch_tokens, "label": label,
+           "labels": np.eye(classes, dtype=np.float32)[label],
+           "mask": (np.arange(local) < len(idx)).astype(np.float32)}
 
 
 def epoch_plan(seed: int, pi: int, pc: int, epoch: int, rows: int, seq_len: int):
@@ -107,6 +175,8 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: i
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
+  if text_datasets.is_classification(data_cfg.name):
+    return _classification_train(data_cfg, local, int(seed), pi, pc, int(start_step))
   seq_len = int(data_cfg.seq_len)
   stream = token_stream(data_cfg, process_split(data_cfg.train_split, pi, pc))
   rows = len(stream) // seq_len - 1
@@ -137,6 +207,8 @@ def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
   """One pass over the split's packed sequences: {"tokens", "mask"} full local batches."""
   pi, pc = _process(process_index, process_count)
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
+  if text_datasets.is_classification(data_cfg.name):
+    return _classification_eval(data_cfg, local, split or data_cfg.eval_split, pi, pc)
   seq_len = int(data_cfg.seq_len)
   stream = token_stream(data_cfg, split or data_cfg.eval_split)
   rows = len(stream) // seq_len

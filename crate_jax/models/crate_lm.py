@@ -99,8 +99,10 @@ class TextModel(nn.Module, kw_only=True):
   dropout: float = 0.0
   emb_dropout: float = 0.0
   decode: bool = False
+  num_classes: int = 0            # > 0: a sequence classifier (fine-tuning CRATE-BERT)
+  pad_id: int = BYTE_VOCAB - 1    # classifier pooling skips these tokens (byte tokenizer's pad)
 
-  head_params: ClassVar[tuple[str, ...]] = ("lm_head",)
+  head_params: ClassVar[tuple[str, ...]] = ("lm_head", "classifier")
 
   @property
   def layer_output_key(self) -> str:
@@ -151,6 +153,8 @@ class TextModel(nn.Module, kw_only=True):
       z = nn.Dropout(rate=self.emb_dropout)(z, deterministic=not train)
     z, out = self.run_layers(z, train=train, collect=return_intermediates)
     normed = L.layer_norm("final_norm", self.dtype)(z)
+    if self.num_classes > 0:
+      return self.classify(normed, tokens, out if return_intermediates else None, z)
     if self.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", normed, emb.astype(self.dtype))
     else:
@@ -162,10 +166,24 @@ class TextModel(nn.Module, kw_only=True):
       return logits
     return logits, dict(out, tokens=z, pre_logits=normed)
 
+  def classify(self, normed, tokens, out, z):
+    """Sequence classification (ours): the mean of LN(Z^L) over the non-pad tokens, then a
+    linear classifier "classifier" -> (B, num_classes). The warm start from a CRATE-BERT
+    checkpoint loads everything else (`init_from`); pad tokens are still attended to."""
+    keep = (tokens != self.pad_id).astype(normed.dtype)[..., None]
+    pooled = (normed * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
+    logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=nn.initializers.normal(0.02), name="classifier")(pooled)
+    logits = logits.astype(L.at_least_f32(self.dtype))
+    if out is None:
+      return logits
+    return logits, dict(out, tokens=z, pre_logits=pooled)
+
   @nn.nowrap
   def forward_flops(self) -> float:
     """Matmul FLOPs of one forward pass per sequence of max_len tokens (`text_flops`)."""
-    return text_flops(block=self.block, seq_len=self.max_len, vocab_size=self.vocab_size,
+    return text_flops(block=self.block, seq_len=self.max_len,
+                      vocab_size=self.num_classes or self.vocab_size,
                       dim=self.dim, depth=self.depth, heads=self.heads, dim_head=self.dim_head,
                       mlp_ratio=self.mlp_ratio)
 

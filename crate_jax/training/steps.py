@@ -60,6 +60,11 @@ def topk_correct(logits: jax.Array, label: jax.Array, k: int) -> jax.Array:
   return jnp.any(idx == label[:, None], axis=-1).astype(jnp.float32)
 
 
+def model_input(batch):
+  """What the model reads: "tokens" (text) or "image"."""
+  return batch["tokens"] if "tokens" in batch else batch["image"]
+
+
 def _loss_fn(model, task: str, smoothing: float, text=None):
   if task in text_tasks.TEXT_TASKS:
     return text_tasks.train_loss_fn(model, task, text)
@@ -68,7 +73,7 @@ def _loss_fn(model, task: str, smoothing: float, text=None):
     if task == "mae":
       out = model.apply({"params": params}, batch["image"], train=True, rngs={"mask": rng})
       return out["loss"], {"loss": out["loss"]}
-    logits = model.apply({"params": params}, batch["image"], train=True,
+    logits = model.apply({"params": params}, model_input(batch), train=True,
                          rngs={"dropout": rng})
     loss = cross_entropy(logits, batch["labels"], smoothing).mean()
     return loss, {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean()}
@@ -163,7 +168,7 @@ def make_eval_step(model, *, task: str = "classification",
                         rngs={"mask": jax.random.key(0)})
       loss = jnp.broadcast_to(out["loss"], mask.shape)
       return EvalMetrics.single_from_model_output(loss=loss, mask=mask)
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    logits = model.apply({"params": params}, model_input(batch), train=False)
     extra = {}
     if "real" in batch:
       real = batch["real"]

@@ -121,3 +121,43 @@ def test_loop_learns_crate_gpt_and_crate_bert(mock_dir, tmp_path):
   assert "perf/tokens_per_sec" in keys and "train/perplexity" in keys
   assert any(k.startswith("whitebox/layer_01/") for k in keys)
   assert bert["loss"] < 4.5 and "bits_per_byte" in bert
+
+
+def test_crate_bert_fine_tunes_on_glue_through_init_from(tmp_path):
+  """A CRATE-BERT checkpoint warm-starts a sequence classifier on glue/sst2 (mock data): with
+  lr 0 every loaded weight stays the checkpoint's and a fresh classifier head is added."""
+  import jax
+  import tensorflow_datasets as tfds
+  from crate_jax import models, train
+  from crate_jax.data import text
+  from crate_jax.training import checkpoint as ckpt_lib
+  mock = str(tmp_path / "tfds")
+  builder = tfds.builder("glue/sst2", data_dir=mock, try_gcs=False)
+  template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=builder.name,
+                                           split="train", filetype_suffix="tfrecord")
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0,
+                          filename_template=template.replace(split=s))
+      for s, n in (("train", 64), ("validation", 20))]))
+  builder.data_path.mkdir(parents=True, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+  c = config_lib.text_classification_config("crate_bert_tiny", "glue/sst2")
+  c.model.kwargs.update(dim=32, depth=2, heads=4, dim_head=8)
+  c.compute_dtype, c.data.data_dir, c.data.seq_len = "float32", mock, 24
+  c.batch_size, c.eval_batch_size, c.num_train_steps = 16, 16, 2
+  c.optimizer.lr, c.optimizer.weight_decay = 0.0, 0.0
+  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+  bert = models.TextModel(vocab_size=259, max_len=24, dim=32, depth=2, heads=4, dim_head=8,
+                          causal=False)
+  pre = bert.init(jax.random.key(7), np.zeros((1, 24), np.int32))["params"]
+  ckpt_lib.save_params(str(tmp_path / "bert"), jax.device_get(pre), {"model": "crate_bert_tiny"})
+  c.init_from = str(tmp_path / "bert")
+  text._STREAMS.clear()  # pylint: disable=protected-access
+  with tfds.testing.mock_data(num_examples=64, data_dir=mock):
+    out = train.train_and_evaluate(c, str(tmp_path / "sst2"))
+  text._STREAMS.clear()  # pylint: disable=protected-access
+  assert 0.0 <= out["top1"] <= 1.0 and np.isfinite(out["loss"])
+  tuned, _ = ckpt_lib.load_params(str(tmp_path / "sst2"))
+  assert tuned["classifier"]["kernel"].shape == (32, 2)
+  for key in ("embedding", "pos_embedding", "layer_1", "final_norm"):
+    jax.tree.map(np.testing.assert_array_equal, tuned[key], jax.device_get(pre[key]))
