@@ -80,7 +80,7 @@ def test_sequence_longer_than_position_table_is_one_clear_error():
 def test_family_api_and_scan_layout(tokens):
   """head / layer ids / layer outputs / FLOPs, and a scanned model equal to the unrolled one."""
   model, params = _build("crate", True, tie_embeddings=False)
-  assert models.head_params(model) == ("lm_head",)
+  assert models.head_params(model) == ("lm_head", "classifier")
   ids = models.layer_ids(model, params)
   assert ids["embedding"] == 0 and ids["pos_embedding"] == 0
   assert ids["layer_1"]["ista"]["D"] == 2 and ids["lm_head"]["kernel"] == 3
