@@ -19,7 +19,7 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   """Defaults = the official ImageNet-1K recipe for CRATE (Lion, lr 2e-4, wd 0.05, batch 512)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "classification"       # or "mae" (models that return {"loss": ...})
+  c.task = "classification"       # or "mae" (models that return {"loss": ...}), "lm", "mlm"
 
   # Model: a registry name plus constructor overrides (see crate_jax.models.get).
   c.model = ml_collections.ConfigDict()
@@ -61,6 +61,10 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.data.cache = False            # cache decoded examples in RAM: small datasets only
   c.data.threads = 0              # tf.data private thread pool size; 0 = TF's default
   c.data.prefetch = 2             # batches prefetched to device
+  # Text datasets (tasks lm / mlm; crate_jax.data.text): packed sequences of seq_len tokens.
+  c.data.seq_len = 128
+  c.data.tokenizer = "byte"       # crate_jax.data.tokenizers.TOKENIZERS
+  c.mlm_probability = 0.15        # task mlm: share of positions BERT-masked (80/10/10)
   c.data.read_retries = 5         # transient read errors (e.g. GCS): retries in a row, then
                                   # DataReadError; a batch read resets the count
   c.data.retry_backoff_s = 1.0    # wait before retry i: retry_backoff_s * 2**(i-1), max 60 s
@@ -137,7 +141,66 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
-TASKS = ("classification", "mae")
+TASKS = ("classification", "mae", "lm", "mlm")
+TEXT_TASKS = ("lm", "mlm")
+
+
+def text_config(model: str = "crate_gpt_small", task: str = "lm") -> ml_collections.ConfigDict:
+  """`base_config` for a text task: the model's kwargs hold its vocabulary size and position
+  table (max_len = data.seq_len by default) instead of image size and classes; AdamW, no label
+  smoothing, no flips or image statistics used."""
+  c = base_config(model)
+  c.task = task
+  c.data.name = "tiny_shakespeare"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = 0
+  c.data.num_classes = 0
+  c.model.kwargs = ml_collections.ConfigDict({"vocab_size": 259})
+  c.model.kwargs.max_len = c.data.get_ref("seq_len")
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 6e-4
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.decay_mask = "kernels"
+  c.optimizer.grad_clip_norm = 1.0
+  c.label_smoothing = 0.0
+  c.data.shuffle_buffer = 0
+  return c
+
+
+def reads_text(config) -> bool:
+  """The model reads tokens: a text task, or classification of a text dataset (GLUE)."""
+  from crate_jax.data import text_datasets
+  return config.task in TEXT_TASKS or text_datasets.is_text(config.data.name)
+
+
+def tokens_per_example(config) -> int | None:
+  """Tokens of one training example (text: seq_len), for tokens/s; None for images."""
+  return int(config.data.seq_len) if reads_text(config) else None
+
+
+def text_classification_config(model: str = "crate_bert_base",
+                               dataset: str = "glue/sst2") -> ml_collections.ConfigDict:
+  """`text_config` for fine-tuning a text model to classify sequences of a GLUE task: the
+  model's classifier head gets data.num_classes; warm-start it with init_from."""
+  from crate_jax.data import text_datasets
+  c = text_config(model, task="classification")
+  info = text_datasets.spec(dataset)
+  c.data.name, c.data.train_split, c.data.eval_split = dataset, info.train_split, info.eval_split
+  c.data.num_classes = info.num_classes
+  c.model.kwargs.num_classes = c.data.get_ref("num_classes")
+  c.optimizer.lr = 5e-5
+  c.optimizer.warmup_epochs = 0.1
+  c.num_epochs = 3
+  return c
+
+
+def input_shape(config) -> tuple:
+  """One example's model input: (seq_len,) tokens for text, else (H, W, 3) images."""
+  if reads_text(config):
+    return (int(config.data.seq_len),)
+  return (config.data.image_size, config.data.image_size, 3)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -165,6 +228,8 @@ def validate(config) -> None:
   for key in ("dropout", "emb_dropout"):
     if key in config.model.kwargs:
       need(0.0 <= config.model.kwargs[key] < 1.0, f"model.kwargs.{key}", "must be in [0, 1)")
+  if reads_text(config):
+    _validate_text(config, need)
   for key in ("image_size", "num_classes"):
     model_value = config.model.kwargs.get(key, config.data[key])
     need(model_value == config.data[key], f"model.kwargs.{key}",
@@ -180,6 +245,33 @@ def validate(config) -> None:
   need(config.best_mode in ("", "max", "min"), "best_mode", "must be 'max' or 'min'")
   models.from_config(config)   # unknown model / argument: "config.model: ..."
   optim.make_optimizer(config.optimizer, 0.0)  # unknown optimizer / decay mask
+
+
+def _validate_text(config, need) -> None:
+  """The text tasks: a text dataset, a known tokenizer whose ids fit the model's vocabulary,
+  sequences that fit its position table."""
+  from crate_jax.data import tokenizers
+  from crate_jax.data import text_datasets
+  tokenizers.check(config.data.tokenizer)
+  need(text_datasets.is_text(config.data.name), "data.name",
+       f"is not a text dataset (task {config.task!r}); known: {text_datasets.names()}")
+  classifying = text_datasets.is_classification(config.data.name)
+  need(classifying == (config.task == "classification"), "task",
+       f"does not fit the text dataset {config.data.name!r} (use "
+       f"{'classification' if classifying else 'lm or mlm'})")
+  if classifying:
+    classes = text_datasets.spec(config.data.name).num_classes
+    need(config.data.num_classes == classes, "data.num_classes",
+         f"{config.data.name} has {classes} classes")
+  need(config.data.seq_len >= 2, "data.seq_len", "must be >= 2")
+  need(0.0 < config.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
+  from crate_jax import models
+  model = models.from_config(config)
+  vocab = tokenizers.get(config.data.tokenizer).vocab_size
+  need(getattr(model, "vocab_size", 0) >= vocab, "model.kwargs.vocab_size",
+       f"must be >= the {config.data.tokenizer} tokenizer's {vocab} ids (a text model)")
+  need(config.data.seq_len <= model.max_len, "data.seq_len",
+       f"is longer than the model's position table max_len={model.max_len}")
 
 
 def best_checkpoint(config) -> tuple[str, str]:

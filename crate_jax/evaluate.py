@@ -23,7 +23,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   from crate_jax.training import evaluation
   config_lib.validate(config)
   model = models.from_config(config)
-  image_shape = (config.data.image_size, config.data.image_size, 3)
+  image_shape = config_lib.input_shape(config)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
@@ -33,7 +33,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
                                       adapt=functools.partial(models.adapt_params, model),
                                       ema=config.ema_decay > 0 and config.eval_ema)
-  eval_step = jax.jit(steps.make_eval_step(model, task=config.task))
+  from crate_jax.training import text_tasks
+  eval_step = jax.jit(steps.make_eval_step(model, task=config.task,
+                                           text=text_tasks.spec_from_config(config)))
   return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh), split=split)
 
 
@@ -45,7 +47,7 @@ def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
   checkpoint=None the architecture at its random initialisation (seed: config.seed)."""
   config_lib.validate(config)
   model = models.from_config(config)
-  image_shape = (config.data.image_size, config.data.image_size, 3)
+  image_shape = config_lib.input_shape(config)
   init = lambda: model.init(jax.random.key(config.seed if seed is None else seed),
                             jnp.zeros((1, *image_shape)))["params"]
   if checkpoint is None:

@@ -42,7 +42,7 @@ class Plan:
   mesh: object
   steps_per_epoch: int
   total_steps: int
-  image_shape: tuple
+  image_shape: tuple  # one example's input shape: (H, W, 3) images or (seq_len,) tokens
   every: dict  # {"log", "eval", "checkpoint"} intervals in steps
 
 
@@ -97,7 +97,7 @@ def plan(config: ml_collections.ConfigDict, *, devices=None, process_count: int 
   else:
     num_train = num_train_examples
   spe = config_lib.steps_per_epoch(num_train, config.batch_size)
-  image_shape = (config.data.image_size, config.data.image_size, 3)
+  image_shape = config_lib.input_shape(config)  # (seq_len,) for the text tasks
   return Plan(model, config.task, mesh, spe, config_lib.total_steps(config, spe), image_shape,
               config_lib.interval_steps(config, spe))
 
@@ -180,7 +180,8 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
   writer = metrics_lib.create_writer(workdir, total_steps=p.total_steps)
   from clu import periodic_actions
   throughput = metrics_lib.Throughput(config.batch_size,
-                                      flops_lib.train_flops_per_example(p.model))
+                                      flops_lib.train_flops_per_example(p.model),
+                                      tokens_per_example=config_lib.tokens_per_example(config))
   hooks = [throughput]  # the one speed measurement; its clock starts once step 1 has compiled
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
@@ -270,11 +271,12 @@ def _close_quietly(ckpts, writer, failing: bool):
 
 def _whitebox_hook(config, p):
   """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps."""
-  if config.whitebox_every_steps <= 0 or p.task != "classification":
+  if config.whitebox_every_steps <= 0 or p.task not in ("classification", "lm", "mlm"):
     return None
   from crate_jax import whitebox
   batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size)))
-  images = jnp.asarray(batch["image"][: min(32, len(batch["image"]))])
+  inputs = batch["tokens"] if "tokens" in batch else batch["image"]  # the text tasks' tokens
+  images = jnp.asarray(inputs[: min(32, len(inputs))])
   fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, images))
   return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
 

@@ -122,5 +122,10 @@ def split_size(builder, split) -> int:
 
 
 def num_examples(data_cfg, split: str) -> int:
-  """Examples in `split` of config.data's dataset (for steps per epoch); never downloads."""
+  """Examples in `split` of config.data's dataset (for steps per epoch; a text dataset's packed
+  sequences); never downloads."""
+  from crate_jax.data import text_datasets
+  if text_datasets.is_text(data_cfg.name):
+    from crate_jax.data import text
+    return text.num_sequences(data_cfg, split)
   return split_size(get_builder(data_cfg), split)

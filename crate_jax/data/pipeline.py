@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from crate_jax.data import datasets, mix, preprocess, randaugment, retry
+from crate_jax.data import datasets, mix, preprocess, randaugment, retry, text, text_datasets
 from crate_jax.data.device import check_batch_size
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -161,6 +161,10 @@ def train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: i
   process_index, process_count) only, so start_step=k resumes exactly (and a transient read error
   at step k is retried by rebuilding at start_step=k).
   """
+  if text_datasets.is_text(data_cfg.name):
+    return text.train_iterator(data_cfg, global_batch_size=global_batch_size, seed=seed,
+                               start_step=start_step, process_index=process_index,
+                               process_count=process_count)
   pi, pc = _process(process_index, process_count)
   open_at = functools.partial(_open_train, data_cfg, global_batch_size, int(seed), pi=pi, pc=pc)
   return _resilient(data_cfg, open_at, int(start_step), data_cfg.train_split, pi, pc,
@@ -295,6 +299,9 @@ def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
   Every process yields ceil(largest shard / b) batches; padding rows are zeros with mask 0.
   A transient read error at batch k is retried by rebuilding the pass with k batches skipped.
   """
+  if text_datasets.is_text(data_cfg.name):
+    return text.eval_iterator(data_cfg, global_batch_size=global_batch_size, split=split,
+                              process_index=process_index, process_count=process_count)
   pi, pc = _process(process_index, process_count)
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
   split = split or data_cfg.eval_split

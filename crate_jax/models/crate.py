@@ -20,17 +20,43 @@ Dtype = Any
 
 
 def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
-         return_weights: bool = False, implementation: str | None = None):
+         return_weights: bool = False, implementation: str | None = None,
+         causal: bool = False, memory=None):
   """MSSA(z) = concat_k[softmax(w_k w_k^T / sqrt(p)) w_k] W_out + b_out, with w_k = z U_k.
 
   z: (B, N, d) already normalised; U: (d, K, p); w_out: (K, p, d); b_out: (d,).
-  Returns (output, w, attention weights or None), w = U^T z being the subspace features.
+  causal: token i attends to tokens j <= i only (CRATE-GPT). memory: w -> (keys, mask), the
+  features attended to instead of w itself (a key-value cache: with q = k = v one array serves as
+  both keys and values). Returns (output, w, attention weights or None), w = U^T z being the
+  subspace features.
   """
   w = jnp.einsum("bnd,dhp->bnhp", z, U)
-  heads_out, weights = L.attention(w, w, w, return_weights=return_weights,
-                                   implementation=implementation)
+  keys, mask = (w, None) if memory is None else memory(w)
+  heads_out, weights = L.attention(w, keys, keys, return_weights=return_weights,
+                                   implementation=implementation, causal=causal, mask=mask)
   out = jnp.einsum("bnhp,hpd->bnd", heads_out, w_out) + b_out
   return out, w, weights
+
+
+def cached_features(module: nn.Module, w: jax.Array):
+  """A key-value cache of the subspace features in `module`'s "cache" collection: (keys, mask).
+
+  The first call (model.init with decode=True on (B, max_len) tokens) makes a zero cache
+  (B, max_len, K, p) and attends causally over w itself; each later call writes the t new
+  features at the cache index and lets new token i (absolute position index + i) attend to slots
+  j <= index + i. Since MSSA ties q = k = v, one cache replaces the usual key and value caches.
+  """
+  ready = module.has_variable("cache", "features")
+  cache = module.variable("cache", "features", jnp.zeros, w.shape, w.dtype)
+  index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+  if not ready:
+    return w, jnp.tril(jnp.ones((w.shape[1], w.shape[1]), bool))
+  t, size = w.shape[1], cache.value.shape[1]
+  cache.value = jax.lax.dynamic_update_slice(cache.value, w.astype(cache.value.dtype),
+                                             (0, index.value, 0, 0))
+  mask = jnp.arange(size)[None, :] <= index.value + jnp.arange(t)[:, None]
+  index.value = index.value + t
+  return cache.value, mask
 
 
 def ista(x: jax.Array, D: jax.Array, eta: float, lambd: float) -> jax.Array:
@@ -72,6 +98,8 @@ class MSSA(nn.Module, kw_only=True):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   init: str = "torch"
+  causal: bool = False            # token i attends to j <= i (CRATE-GPT)
+  decode: bool = False            # attend through a key-value cache (`cached_features`)
 
   @nn.compact
   def __call__(self, z, return_weights: bool = False):
@@ -85,8 +113,10 @@ class MSSA(nn.Module, kw_only=True):
     w_out = L.heads_kernel(self, "out_kernel", (self.heads, self.dim_head, d), inner, inits[1])
     b_out = L.heads_kernel(self, "out_bias", (d,), inner, inits[2])
     z, U, w_out, b_out = L.cast(self.dtype, z, U, w_out, b_out)
+    memory = (lambda w: cached_features(self, w)) if self.decode else None
     return mssa(z, U, w_out, b_out, return_weights=return_weights,
-                implementation=self.attention_impl)
+                implementation=self.attention_impl, causal=self.causal and not self.decode,
+                memory=memory)
 
 
 class ISTA(nn.Module, kw_only=True):
@@ -116,6 +146,8 @@ class CRATELayer(nn.Module, kw_only=True):
   mssa_init: str = "torch"
   dropout: float = 0.0            # on the MSSA output (the official to_out Dropout; 0 there)
   deterministic: bool = True      # False while training: dropout and stochastic depth act
+  causal: bool = False            # causal MSSA (CRATE-GPT)
+  decode: bool = False            # MSSA through a key-value cache (generation)
 
   @nn.compact
   def __call__(self, z, drop_rate=None):
@@ -124,7 +156,8 @@ class CRATELayer(nn.Module, kw_only=True):
     normed = L.layer_norm("norm_mssa", self.dtype)(z)
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
-        attention_impl=self.attention_impl, init=self.mssa_init, name="mssa")(
+        attention_impl=self.attention_impl, init=self.mssa_init, causal=self.causal,
+        decode=self.decode, name="mssa")(
             normed, return_weights=self.return_weights)
     if self.dropout > 0:
       attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)

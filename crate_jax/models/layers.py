@@ -98,37 +98,67 @@ PAD_TOKENS_TO = {"cudnn": 16}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
-              implementation: str | None = None, pad_to: int | None = None):
-  """Per head softmax(q_h k_h^T * p^-1/2) v_h for (B, N, heads, p) inputs; returns (out, weights).
+              implementation: str | None = None, pad_to: int | None = None,
+              causal: bool = False, mask: jax.Array | None = None):
+  """Per head softmax(q_h k_h^T * p^-1/2 + M) v_h for (B, N, heads, p) inputs; returns (out, weights).
 
   The logits and softmax are at least fp32 (float64 inputs stay float64). With return_weights=False
   and an `implementation` (as in jax.nn.dot_product_attention, e.g. "cudnn") the fused kernel is
   used, tokens padded to a multiple of `pad_to` (default PAD_TOKENS_TO[implementation], else 1);
   weights is then None. Subspace attention (MSSA) is the tied case attention(w, w, w).
+  Masking (M = 0 where allowed, -inf elsewhere), the same in both paths: causal=True lets query i
+  see keys j <= i (square, N_q = N_k); `mask` is a boolean array broadcastable to
+  (B, heads, N_q, N_k), True where a query may attend (e.g. a key-value cache's filled slots).
   """
   scale = q.shape[-1] ** -0.5
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and "
+                     f"{k.shape[1]} (pass an explicit mask for a key-value cache)")
   if not return_weights and implementation is not None:
     pad_to = PAD_TOKENS_TO.get(implementation, 1) if pad_to is None else pad_to
     return padded_dot_product_attention(q, k, v, scale=scale, implementation=implementation,
-                                        pad_to=pad_to), None
+                                        pad_to=pad_to, causal=causal, mask=mask), None
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=at_least_f32(q.dtype)) * scale
+  allowed = attention_mask(q.shape[1], k.shape[1], causal=causal, mask=mask)
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
   weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   return out, (weights if return_weights else None)
 
 
+def attention_mask(n_q: int, n_k: int, *, causal: bool = False,
+                   mask: jax.Array | None = None) -> jax.Array | None:
+  """The boolean (.., N_q, N_k) mask `attention` applies (None: everything allowed): the lower
+  triangle j <= i when causal, and-ed with `mask`."""
+  out = None
+  if causal:
+    out = jnp.tril(jnp.ones((n_q, n_k), bool))
+  if mask is not None:
+    out = mask if out is None else jnp.logical_and(out, mask)
+  return out
+
+
 def padded_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                                 implementation: str | None, pad_to: int = 1) -> jax.Array:
+                                 implementation: str | None, pad_to: int = 1,
+                                 causal: bool = False, mask: jax.Array | None = None) -> jax.Array:
   """jax.nn.dot_product_attention with the tokens zero-padded to a multiple of pad_to, the padded
-  keys masked (key_value_seq_lengths) and the padded query rows sliced off: exact."""
+  keys masked (key_value_seq_lengths) and the padded query rows sliced off: exact. `causal` and
+  `mask` as in `attention` (padded keys lie after every real query, so causal stays exact)."""
   n = q.shape[1]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
   padded = -(-n // pad_to) * pad_to
-  if padded == n:
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  if padded == n or k.shape[1] != n:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                        is_causal=causal, mask=mask)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
+  if mask is not None:
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, padded - n), (0, padded - n)))
   lengths = jnp.full((q.shape[0],), n, jnp.int32)
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
-                                     implementation=implementation, key_value_seq_lengths=lengths)
+                                     implementation=implementation, key_value_seq_lengths=lengths,
+                                     is_causal=causal, mask=mask)
   return out[:, :n]
 
 

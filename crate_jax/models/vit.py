@@ -31,6 +31,7 @@ class MHSA(nn.Module, kw_only=True):
   dim_head: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  causal: bool = False            # token i attends to j <= i (the GPT baseline)
 
   @nn.compact
   def __call__(self, x, return_weights: bool = False):
@@ -38,7 +39,7 @@ class MHSA(nn.Module, kw_only=True):
     qkv = _dense(features=(3, self.heads, self.dim_head), dtype=self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out, weights = L.attention(q, k, v, return_weights=return_weights,
-                               implementation=self.attention_impl)
+                               implementation=self.attention_impl, causal=self.causal)
     return _dense(features=d, dtype=self.dtype, name="proj", axis=(-2, -1))(out), weights
 
 
@@ -65,6 +66,7 @@ class ViTBlock(nn.Module, kw_only=True):
   return_weights: bool = False
   dropout: float = 0.0            # on both branch outputs (timm's proj_drop / drop)
   deterministic: bool = True      # False while training: dropout and stochastic depth act
+  causal: bool = False            # causal self-attention (the GPT baseline)
 
   @nn.compact
   def __call__(self, x, drop_rate=None):
@@ -77,7 +79,7 @@ class ViTBlock(nn.Module, kw_only=True):
       return y
     x = L.batch_split(x)
     attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
-                         attention_impl=self.attention_impl, name="attn")(
+                         attention_impl=self.attention_impl, causal=self.causal, name="attn")(
         L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights)
     x = L.batch_split(x + branch(attn))
     x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(

@@ -3,18 +3,21 @@ and the extra eval sets a config names (config.data.extra_eval, e.g. ImageNet-V2
 from __future__ import annotations
 
 from crate_jax import data as data_lib
+from crate_jax.training import steps
 
 
 def evaluate(eval_step, params, config, data_sharding, split: str | None = None,
              data_cfg=None) -> dict[str, float]:
-  """Mean eval metrics ({"loss", "top1", "top5"}, + real_top1 on ReaL) over the split's real
-  (unpadded) examples; data_cfg defaults to config.data."""
+  """Mean eval metrics ({"loss", "top1", "top5"}, + real_top1 on ReaL; text tasks: loss,
+  accuracy, perplexity, bits_per_byte over predicted tokens) over the split's real (unpadded)
+  examples; data_cfg defaults to config.data."""
   total = None
   for batch in data_lib.eval_iterator(data_cfg or config.data,
                                       global_batch_size=config.eval_batch_size, split=split):
     m = eval_step(params, data_lib.to_global(batch, data_sharding))
     total = m if total is None else total.merge(m)
-  return {k: float(v) for k, v in total.compute().items()}
+  out = {k: float(v) for k, v in total.compute().items()}
+  return {**out, **steps.derived_metrics(config.task, out)}
 
 
 def extra_eval_sets(config) -> dict[str, object]:

@@ -84,7 +84,9 @@ class ConsoleWriter:
       cols.append(f"top1 {s['train/top1']:.3f}")
     if "train/lr" in s:
       cols.append(f"lr {s['train/lr']:.1e}")
-    if "perf/img_per_sec" in s:
+    if "perf/tokens_per_sec" in s:  # the text tasks
+      cols.append(f"{s['perf/tokens_per_sec']:.0f} tok/s")
+    elif "perf/img_per_sec" in s:
       cols.append(f"{s['perf/img_per_sec']:.0f} img/s")
     if "perf/mfu" in s:
       cols.append(f"MFU {100 * s['perf/mfu']:.1f}%")
@@ -172,8 +174,10 @@ class Throughput:
   no timed step yet (the first step) gets no perf/* keys.
   """
 
-  def __init__(self, global_batch: int, flops_per_example: float | None):
+  def __init__(self, global_batch: int, flops_per_example: float | None,
+               tokens_per_example: int | None = None):
     self.global_batch = global_batch
+    self.tokens = tokens_per_example  # text tasks: also perf/tokens_per_sec
     self.flops = flops_per_example
     self.peak = peak_flops()
     self.devices = jax.device_count()
@@ -199,6 +203,8 @@ class Throughput:
     ips = (step - self.step0) * self.global_batch / dt
     out = {"perf/img_per_sec": ips, "perf/img_per_sec_per_device": ips / self.devices,
            "perf/step_time_ms": 1e3 * dt / (step - self.step0)}
+    if self.tokens:
+      out["perf/tokens_per_sec"] = ips * self.tokens
     if self.flops:
       tflops = ips * self.flops / self.devices / 1e12
       out["perf/tflops_per_device"] = tflops

