@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import torch_keys
+from crate_jax.interop import alpha_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 STABLEHLO_FILE = "forward.stablehlo"
@@ -58,10 +58,13 @@ def load(checkpoint: str):
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE classifiers)."""
+  """The official PyTorch layout of `params` (CRATE; CRATE-alpha: its PyTorch port)."""
+  if isinstance(model, models.CRATEAlpha):
+    return alpha_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
+                                    dim_head=model.dim_head)
   if type(model) is not models.CRATE:
-    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (only "
-                      "the CRATE classifier has one here)")
+    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE "
+                      "and CRATE-alpha have one)")
   return torch_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
                                   dim_head=model.dim_head)
 
