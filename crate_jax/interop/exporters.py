@@ -90,6 +90,9 @@ def forward_fn(model, params):
 
 def stablehlo_artifact(model, params) -> bytes:
   """jax.export of the forward pass with a symbolic batch dimension `b`, serialized."""
+  if isinstance(model, models.CRATEMAE):
+    raise ExportError("CRATE-MAE pre-training checkpoints have no classifier forward pass to "
+                      "export; fine-tune a crate_mae_classifier_* first")
   from jax import export
   b, = export.symbolic_shape("b")
   spec = jax.ShapeDtypeStruct((b, model.image_size, model.image_size, 3), jnp.float32)
