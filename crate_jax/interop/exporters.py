@@ -104,7 +104,7 @@ _README = """# {name}: StableHLO forward pass
 
 `{file}` is a serialized `jax.export` artifact (StableHLO with the weights inside):
 images float32 `(batch, {size}, {size}, 3)`, channels last, normalised as in training
-(`(pixel / 255 - mean) / std`, mean = {mean}, std = {std}) -> logits float32 `(batch, {classes})`.
+({norm}) -> logits float32 `(batch, {classes})`.
 The batch dimension is symbolic: any batch size works. Loading needs jax only:
 
 ```python
@@ -121,7 +121,6 @@ def export_stablehlo(checkpoint: str, out: str) -> str:
   model, params, cfg = load(checkpoint)
   data = (cfg or {}).get("data", {})
   blob = stablehlo_artifact(model, params)
-  names = None
   from crate_jax.data import datasets
   names = datasets.saved_class_names(checkpoint)
   info = {"model": type(model).__name__, "image_size": model.image_size,
@@ -138,7 +137,9 @@ def export_stablehlo(checkpoint: str, out: str) -> str:
     json.dump(info, f, indent=1)
   with open(os.path.join(tmp, "README.md"), "w") as f:
     f.write(_README.format(name=info["model"], file=STABLEHLO_FILE, size=model.image_size,
-                           mean=info["mean"] or "see the run's config", std=info["std"] or "-",
+                           norm=(f"`(pixel / 255 - mean) / std`, mean = {info['mean']}, "
+                                 f"std = {info['std']}" if info["mean"] else
+                                 "the normalisation the imported weights were trained with"),
                            classes=logits.shape[-1],
                            classes_line=("\nClass names (logit order) are in meta.json.\n"
                                          if names else "")))
