@@ -190,12 +190,22 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
       "image_size": size, "training_image_size": training_image_size(config),
       "num_images": len(shown), "images": names, "layer": layer,
       "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
+      **_predicted_names(checkpoint, logits),
       "eps": whitebox.OFFICIAL_EPS_SQ, "lambda": float(getattr(model, "lambd", 0.1)),
       "formulas": FORMULAS, "layers": rows}
   paths["json"] = os.path.join(out_dir, "layerwise.json")
   with open(paths["json"], "w") as f:
     json.dump(report, f, indent=2)
   return {"paths": paths, "stats": stats, "report": report}
+
+
+def _predicted_names(checkpoint, logits) -> dict:
+  """{"predicted_classes": [...]} by the class names the run saved (image folders), else {}."""
+  from crate_jax.data import datasets
+  saved = datasets.saved_class_names(str(checkpoint))
+  if saved is None:
+    return {}
+  return {"predicted_classes": [saved[i] for i in np.asarray(jnp.argmax(logits, -1)).tolist()]}
 
 
 FORMULAS = {

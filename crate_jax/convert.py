@@ -1,6 +1,11 @@
 """Import an official PyTorch CRATE checkpoint as an Orbax checkpoint our loop and model load.
 
   python -m crate_jax.convert --torch crate_small.pth --variant crate_small --out DIR
+  python -m crate_jax.convert --torch crate_alpha_b16.pth --variant crate_alpha_b16 --out DIR
+  python -m crate_jax.convert --npz crate_alpha_b16.npz --variant crate_alpha_b16 --out DIR
+
+--variant picks the layout: a crate_alpha_* variant reads the CRATE-alpha PyTorch port (--torch) or
+the authors' big_vision checkpoint (--npz); the crate_* variants read the official CRATE layout.
 
 eta and lambda are not stored in PyTorch checkpoints: pass --eta/--lambd if they differ from the
 official 0.1/0.1 (they are recorded in the output's meta). Every key must be accounted for; any
@@ -17,7 +22,9 @@ from crate_jax.interop.converters import convert
 @cli.command
 def main(argv=None) -> int:
   parser = cli.ArgumentParser(description=__doc__)
-  parser.add_argument("--torch", required=True, help="official CRATE .pth/.pt file")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--torch", help="official CRATE or CRATE-alpha port .pth/.pt file")
+  source.add_argument("--npz", help="CRATE-alpha big_vision .npz checkpoint")
   parser.add_argument("--variant", required=True, help=f"one of {', '.join(models.names())}")
   parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   parser.add_argument("--eta", type=float, default=0.1, help="ISTA step size (not in the file)")
@@ -27,7 +34,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   extra = {k: v for k, v in (("num_classes", args.num_classes),
                              ("image_size", args.image_size)) if v is not None}
-  path = convert(args.torch, args.variant, args.out, eta=args.eta, lambd=args.lambd, **extra)
+  if args.npz and not args.npz.endswith(".npz"):
+    parser.error(f"--npz {args.npz!r}: expected a .npz file")
+  path = convert(args.torch or args.npz, args.variant, args.out, eta=args.eta, lambd=args.lambd, **extra)
   print(f"wrote {path}")
   return 0
 

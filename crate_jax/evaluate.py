@@ -138,10 +138,13 @@ def main(argv):
   from crate_jax import cli
   cli.import_tensorflow()
   f = flags.FLAGS
+  from crate_jax import data as data_lib
+  names = data_lib.check_class_names(f.config.data, f.checkpoint)  # refused before any compile
+  shown = {"class_names": names} if names is not None else {}
   if f.protocol == "supervised":
     result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
     print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
-                      **result}))
+                      **shown, **result}))
     return
   layers = "all" if f.layer == "all" else ("last" if f.layer in ("", "last") else f.layer)
   rows = {"trained": frozen_feature_eval(f.config, f.checkpoint, f.protocol, layers=layers,
@@ -152,7 +155,7 @@ def main(argv):
   if f.figure and layers == "all":
     per_layer_figure({k: v["per_layer"] for k, v in rows.items()}, f.figure)
   print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
-                    **({"random_init": rows["random init"]} if f.vs_random_init else {}),
+                    **shown, **({"random_init": rows["random init"]} if f.vs_random_init else {}),
                     **rows["trained"]}))
 
 

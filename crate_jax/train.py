@@ -167,6 +167,9 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
       state = _warm_start(state, config, p.model, abstract.params)
     if jax.process_index() == 0:
       (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+      names = data_lib.class_names(config.data)
+      if names is not None:  # beside config.json: evaluate / analyze print and check them
+        (epath.Path(workdir) / data_lib.CLASS_NAMES_FILE).write_text(json.dumps(names, indent=1))
 
   if start >= p.total_steps:
     logging.warning("%s already holds the final step %d: nothing to train (a new --workdir "

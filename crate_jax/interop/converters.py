@@ -1,4 +1,5 @@
-"""Official PyTorch CRATE checkpoints -> our params (and Orbax checkpoints).
+"""Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
+CRATE-alpha PyTorch port (both by --variant's family) and CRATE-alpha big_vision `.npz` files.
 
 eta and lambda are not stored in PyTorch checkpoints: they are arguments, recorded in the meta.
 Every key must be accounted for; any mismatch raises before anything is written, and an existing
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import torch_keys
+from crate_jax.interop import alpha_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 
@@ -39,9 +40,45 @@ def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1, lambd: flo
   model = models.get(variant, **kwargs)
   expected = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, model.image_size, model.image_size, model.channels)))
-  params = torch_keys.torch_to_flax(state_dict, expected["params"], depth=model.depth,
-                                    heads=model.heads, dim_head=model.dim_head)
+  convert_fn = torch_keys.torch_to_flax
+  if isinstance(model, models.CRATEAlpha):
+    convert_fn = alpha_keys.torch_to_flax
+  elif type(model) is not models.CRATE:
+    raise ValueError(f"--variant {variant}: no PyTorch layout is known for "
+                     f"{type(model).__name__} (CRATE and CRATE-alpha are)")
+  params = convert_fn(state_dict, expected["params"], depth=model.depth, heads=model.heads,
+                      dim_head=model.dim_head)
   return params, kwargs
+
+
+def convert_npz(arrays, variant: str, **model_kwargs):
+  """(params, model kwargs) for a CRATE-alpha big_vision checkpoint (npz arrays by Flax path)."""
+  flat = {k[len("params/"):] if k.startswith("params/") else k: v for k, v in arrays.items()}
+  kwargs = {}
+  if "head/kernel" in flat:
+    kwargs["num_classes"] = int(np.shape(flat["head/kernel"])[1])
+  if "pos_embedding" in flat and "embedding/kernel" in flat:
+    n, patch = int(np.shape(flat["pos_embedding"])[1]) - 1, int(np.shape(flat["embedding/kernel"])[0])
+    if int(round(np.sqrt(n))) ** 2 == n:
+      kwargs["image_size"] = int(round(np.sqrt(n))) * patch
+  kwargs.update(model_kwargs)
+  model = models.get(variant, **kwargs)
+  if not isinstance(model, models.CRATEAlpha):
+    raise ValueError(f"--npz holds big_vision CRATE-alpha weights but --variant {variant} is a "
+                     f"{type(model).__name__}; use a crate_alpha_* variant")
+  expected = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, model.image_size, model.image_size, model.channels)))
+  return alpha_keys.npz_to_flax(flat, expected["params"]), kwargs
+
+
+def load_npz(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"npz checkpoint {path!r} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
+    raise ValueError(f"cannot read {path!r} as an .npz checkpoint: {e}") from e
 
 
 def load_torch(path: str):
@@ -62,7 +99,11 @@ def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1, lambd:
   """Convert and write; returns the checkpoint step directory."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out {out!r} exists and is not empty; refusing to overwrite it")
-  params, kwargs = convert_state_dict(load_torch(torch_path), variant, eta=eta, lambd=lambd,
-                                      **model_kwargs)
+  if torch_path.endswith(".npz"):
+    params, kwargs = convert_npz(load_npz(torch_path), variant, eta=eta, lambd=lambd,
+                                 **model_kwargs)
+  else:
+    params, kwargs = convert_state_dict(load_torch(torch_path), variant, eta=eta, lambd=lambd,
+                                        **model_kwargs)
   meta = {"model": variant, "model_kwargs": kwargs, "source": os.path.abspath(torch_path)}
   return ckpt_lib.save_params(out, params, meta)

@@ -1,0 +1,110 @@
+"""CRATE-alpha's published layouts <-> our Flax tree (numpy only, no torch).
+
+- big_vision `.npz` (the authors' JAX checkpoints): keys are the Flax paths joined by '/'
+  (`embedding/kernel`, `cls`, `pos_embedding`, `Transformer/encoderblock_{i}/...`, `encoder_norm/*`,
+  `head/*`), the same tree as crate_jax.models.CRATEAlpha, so they load leaf for leaf.
+- the PyTorch port (`conv1`, `cls_token`, `transformer.layers.{i}.0.fn.qkv`, `...1.fn.D/D1`,
+  `mlp_head`): mapped by `alpha_key_map`. The port's `mlp_head.0` LayerNorm uses eps 1e-5 where the
+  JAX model (and ours) uses 1e-6 for `encoder_norm`; the weights are the same.
+
+Every tensor must be accounted for; a missing, unexpected or mis-shaped one raises one ValueError
+naming the key and both shapes.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from crate_jax.interop import torch_keys
+
+ATTN, ISTA = "MultiHeadDotProductSubspaceAttention_0", "OvercompleteISTABlock_0"
+
+
+def alpha_key_map(depth: int, heads: int, dim_head: int):
+  """torch key -> (flax path, torch->flax transform, flax->torch transform)."""
+  same = (lambda x: x, lambda x: x)
+  t = (lambda x: x.T, lambda x: x.T)
+  conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+  qkv = (lambda w: w.T.reshape(w.shape[1], heads, dim_head),        # (h p, d) <-> (d, h, p)
+         lambda k: k.reshape(k.shape[0], -1).T)
+  out = (lambda w: w.T.reshape(heads, dim_head, w.shape[0]),        # (d, h p) <-> (h, p, d)
+         lambda k: k.reshape(-1, k.shape[-1]).T)
+  m = {"conv1.weight": (("embedding", "kernel"), *conv),
+       "conv1.bias": (("embedding", "bias"), *same),
+       "cls_token": (("cls",), *same),
+       "pos_embedding": (("pos_embedding",), *same)}
+  for i in range(depth):
+    tk, f = f"transformer.layers.{i}", ("Transformer", f"encoderblock_{i}")
+    m.update({
+        f"{tk}.0.norm.weight": ((*f, "LayerNorm_0", "scale"), *same),
+        f"{tk}.0.norm.bias": ((*f, "LayerNorm_0", "bias"), *same),
+        f"{tk}.0.fn.qkv.weight": ((*f, ATTN, "proj", "kernel"), *qkv),
+        f"{tk}.0.fn.to_out.0.weight": ((*f, ATTN, "out", "kernel"), *out),
+        f"{tk}.1.norm.weight": ((*f, "LayerNorm_1", "scale"), *same),
+        f"{tk}.1.norm.bias": ((*f, "LayerNorm_1", "bias"), *same),
+        f"{tk}.1.fn.D": ((*f, ISTA, "D"), *same),
+        f"{tk}.1.fn.D1": ((*f, ISTA, "D1"), *same),
+    })
+  m.update({"mlp_head.0.weight": (("encoder_norm", "scale"), *same),
+            "mlp_head.0.bias": (("encoder_norm", "bias"), *same),
+            "mlp_head.1.weight": (("head", "kernel"), *t),
+            "mlp_head.1.bias": (("head", "bias"), *same)})
+  return m
+
+
+def _check_keys(have, want, what: str):
+  missing = [k for k in want if k not in have]
+  unexpected = [k for k in have if k not in want]
+  if missing or unexpected:
+    raise ValueError(f"{what} does not match the CRATE-alpha architecture: missing keys "
+                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected keys "
+                     f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def _fill(pairs, expected) -> dict[str, Any]:
+  """pairs: (source key, source array, flax path, transform) -> params, checking every shape."""
+  params: dict[str, Any] = {}
+  for key, src, path, fn in pairs:
+    src = np.asarray(torch_keys._to_numpy(src), dtype=np.float32)
+    want = tuple(torch_keys._leaf(expected, path).shape)
+    try:
+      value = fn(src)
+    except ValueError:
+      value = None
+    if value is None or value.shape != want:
+      raise ValueError(f"tensor {key!r} has shape {src.shape} but {'/'.join(path)} expects {want}")
+    torch_keys._set(params, path, value)
+  return params
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], expected, *, depth: int, heads: int,
+                  dim_head: int) -> dict[str, Any]:
+  """The PyTorch port's state dict -> params shaped like `expected`."""
+  sd = torch_keys.unwrap_state_dict(state_dict)
+  key_map = alpha_key_map(depth, heads, dim_head)
+  _check_keys(sd, key_map, "state dict")
+  return _fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+
+
+def flax_to_torch(params, *, depth: int, heads: int, dim_head: int) -> dict[str, np.ndarray]:
+  """Inverse of `torch_to_flax` (the port's state dict, strict-loadable)."""
+  return {k: np.ascontiguousarray(np.asarray(b(np.asarray(torch_keys._leaf(params, p),
+                                                              np.float32))))
+          for k, (p, _, b) in alpha_key_map(depth, heads, dim_head).items()}
+
+
+def _paths(tree, prefix=()):
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      yield from _paths(v, (*prefix, k))
+    else:
+      yield (*prefix, k)
+
+
+def npz_to_flax(arrays: Mapping[str, Any], expected) -> dict[str, Any]:
+  """A big_vision checkpoint ('/'-joined Flax paths; a leading 'params/' is accepted)."""
+  flat = {(k[len("params/"):] if k.startswith("params/") else k): v for k, v in arrays.items()}
+  want = {"/".join(p): p for p in _paths(expected)}
+  _check_keys(flat, want, "npz checkpoint")
+  return _fill(((k, flat[k], p, lambda x: x) for k, p in want.items()), expected)
