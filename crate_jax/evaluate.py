@@ -53,7 +53,8 @@ def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
   abstract = jax.eval_shape(init)
   params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
                                       adapt=functools.partial(models.adapt_params, model),
-                                      ema=config.ema_decay > 0 and config.eval_ema)
+                                      ema=config.ema_decay > 0 and config.eval_ema,
+                                      drop_extra=config.task == "dino")  # the DINO head
   return model, params
 
 
