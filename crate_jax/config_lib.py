@@ -247,5 +247,6 @@ def dino_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.dino = ml_collections.ConfigDict({
       "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_layers": 3,
       "student_temp": 0.1, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07,
-      "teacher_temp_warmup_epochs": 30.0, "centre_momentum": 0.9, "momentum_final": 1.0})
+      "teacher_temp_warmup_epochs": 30.0, "centre_momentum": 0.9, "momentum_final": 1.0,
+      "freeze_last_layer_epochs": 1.0})
   return c

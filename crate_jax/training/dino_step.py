@@ -61,10 +61,19 @@ def _embed(model, head, params, views, *, train: bool, rng):
   return logits.reshape(v, b, -1)
 
 
+def _freeze_prototypes(tree, frozen):
+  """`tree` (grads or updates) with the head's prototype leaves zeroed where `frozen`."""
+  head = dict(tree[HEAD])
+  head["prototypes"] = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
+                                    head["prototypes"])
+  return {**tree, HEAD: head}
+
+
 def make_train_step(model, head, tx, config, total_steps: int, steps_per_epoch: int):
   """(state, {"global" (B,2,G,G,3), "local" (B,N,L,L,3)}) -> (state, metrics)."""
   d = config.dino
   warmup = int(round(float(d.teacher_temp_warmup_epochs) * steps_per_epoch))
+  freeze_steps = int(round(float(d.freeze_last_layer_epochs) * steps_per_epoch))
 
   def train_step(state: steps.TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -83,7 +92,10 @@ def make_train_step(model, head, tx, config, total_steps: int, steps_per_epoch: 
                             student_temp=float(d.student_temp), teacher_temp=temp)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    frozen = state.step < freeze_steps  # DINO: the prototypes stay fixed for the first epoch
+    grads = _freeze_prototypes(grads, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = _freeze_prototypes(updates, frozen)
     params = optax.apply_updates(state.params, updates)
     momentum = dino.momentum_schedule(state.step, total_steps, float(config.ema_decay),
                                       float(d.momentum_final))

@@ -15,6 +15,7 @@ from crate_jax import config_lib, data, models, train
 from crate_jax.data import multicrop
 from crate_jax.models import posemb
 from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax.training import dino_step
 from tests.helpers import ROOT, TINY_ARCH
 
 DINO_EMBEDDED = os.path.join(ROOT, "configs", "crate_dino_embedded.py")
@@ -23,10 +24,10 @@ DINO_EMBEDDED = os.path.join(ROOT, "configs", "crate_dino_embedded.py")
 def dino_tiny(data_dir, **overrides):
   arch = dict(TINY_ARCH, patch_size=4, interpolate_pos=True)
   base = {"model.kwargs": arch, "data.data_dir": str(data_dir), "batch_size": 16,
-          "eval_batch_size": 200, "num_train_steps": 4, "log_every_steps": 1,
+          "eval_batch_size": 200, "num_train_steps": 3, "log_every_steps": 1,
           "eval_every_steps": 1000, "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01,
           "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
-          "data.multicrop.num_local": 2}
+          "data.multicrop.num_local": 1}
   base.update(overrides)
   return config_lib.load_config(DINO_EMBEDDED, **base)
 
@@ -41,7 +42,7 @@ def test_multicrop_batches_deterministic_and_resumable(data_dir):
   take = lambda it, n: [next(it) for _ in range(n)]
   run = take(data.train_iterator(cfg, global_batch_size=16, seed=3), 4)
   b = run[0]
-  assert b["global"].shape == (16, 2, 28, 28, 3) and b["local"].shape == (16, 2, 12, 12, 3)
+  assert b["global"].shape == (16, 2, 28, 28, 3) and b["local"].shape == (16, 1, 12, 12, 3)
   assert b["label"].shape == (16,)
   assert not np.allclose(b["global"][:, 0], b["global"][:, 1])  # two different crops
   resumed = take(data.train_iterator(cfg, global_batch_size=16, seed=3, start_step=2), 2)
@@ -67,10 +68,11 @@ def test_local_crops_use_interpolated_positions():
   big = models.get("crate_tiny", **dict(TINY_ARCH, patch_size=4, interpolate_pos=True))
   params = big.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
   x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
-  got = big.apply({"params": params}, x)
+  got = jax.jit(big.apply)({"params": params}, x)
   small = models.get("crate_tiny", **dict(TINY_ARCH, patch_size=4, image_size=12))
   resized = posemb.resize_params_pos_embedding(params, 12, 4)
-  np.testing.assert_allclose(got, small.apply({"params": resized}, x), rtol=1e-5, atol=1e-6)
+  want = jax.jit(small.apply)({"params": resized}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   strict = models.get("crate_tiny", **dict(TINY_ARCH, patch_size=4))
   with pytest.raises(ValueError, match="built for image_size=28"):
     strict.apply({"params": params}, x)
@@ -114,6 +116,13 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
                           for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
   assert diff(a["params"], a["ema_params"]) > 0
   assert np.abs(a["dino_centre"]).max() > 0
+  # DINO freezes the prototypes for the first epoch (here all 3 steps); the MLP moves
+  head = dino_step.make_head(cfg)
+  init_rng = jax.random.split(jax.random.key(cfg.seed))[0]
+  fresh = head.init(jax.random.fold_in(init_rng, 1), jnp.zeros((1, TINY_ARCH["dim"])))["params"]
+  jax.tree.map(np.testing.assert_array_equal, a["params"]["dino_head"]["prototypes"],
+               jax.device_get(fresh["prototypes"]))
+  assert diff(a["params"]["dino_head"]["mlp_0"], a["ema_params"]["dino_head"]["mlp_0"]) > 0
   rows = [r for r in __import__("crate_jax.training.metrics", fromlist=["x"]).read_jsonl(
       os.path.join(whole, "metrics.jsonl")) if "train/loss" in r]
   assert {"train/teacher_entropy", "train/teacher_kl_uniform",
