@@ -22,6 +22,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   from crate_jax import data as data_lib
   from crate_jax.training import evaluation
   config_lib.validate(config)
+  if config.task == "dino":
+    raise ValueError("config.task='dino' has no supervised head to score: use --protocol knn or "
+                     "--protocol linear (frozen teacher features)")
   model = models.from_config(config)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
