@@ -27,7 +27,7 @@ def dino_tiny(data_dir, **overrides):
           "eval_batch_size": 200, "num_train_steps": 3, "log_every_steps": 1,
           "eval_every_steps": 1000, "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01,
           "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
-          "data.multicrop.num_local": 1}
+          "data.multicrop.num_local": 1, "data.multicrop.local_size": 12}
   base.update(overrides)
   return config_lib.load_config(DINO_EMBEDDED, **base)
 
