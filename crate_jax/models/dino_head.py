@@ -1,4 +1,4 @@
-"""DINO projection head and the student/teacher network (backbone + head) for task="dino".
+"""DINO projection head for task="dino" (crate_jax.training.dino_step puts it on the backbone).
 
 Head (DINO paper's design and defaults): 3-layer MLP d -> 2048 -> 2048 -> 256 with GELU, the
 256-d bottleneck l2-normalised, then a weight-normalised linear layer without bias to K prototypes,
@@ -8,8 +8,6 @@ init, zero biases. The backbone's pooled, normalised class token (`pre_logits`) 
 as in DINO (the CRATE classifier's `head` is unused by the loss).
 """
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,20 +47,3 @@ class DINOHead(nn.Module, kw_only=True):
     x = dense(self.bottleneck_dim, f"mlp_{self.num_layers - 1}")(x)
     return WeightNormDense(features=self.out_dim, name="prototypes")(l2_normalize(x))
 
-
-class DINONetwork(nn.Module, kw_only=True):
-  """backbone (a family model returning (logits, {"pre_logits": ...}) with
-  return_intermediates=True) + DINOHead. Called on a list of view batches (crops of different
-  sizes), it returns the head's logits stacked (V, B, K); on one batch, (B, K). `features`
-  returns the backbone's pre-logits (what k-NN / linear probes score)."""
-  backbone: Any
-  head: DINOHead
-
-  def features(self, images, train: bool = False):
-    _, out = self.backbone(images, train=train, return_intermediates=True)
-    return out["pre_logits"]
-
-  def __call__(self, images, *, train: bool = False):
-    if isinstance(images, (list, tuple)):
-      return jnp.stack([self.head(self.features(v, train)) for v in images])
-    return self.head(self.features(images, train))
