@@ -141,7 +141,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
-TASKS = ("classification", "mae", "lm", "mlm")
+TASKS = ("classification", "mae", "dino", "lm", "mlm")
 TEXT_TASKS = ("lm", "mlm")
 
 
@@ -244,6 +244,9 @@ def validate(config) -> None:
        f"is not an eval metric of task {config.task!r}: {metrics}")
   need(config.best_mode in ("", "max", "min"), "best_mode", "must be 'max' or 'min'")
   models.from_config(config)   # unknown model / argument: "config.model: ..."
+  if config.task == "dino":
+    from crate_jax.training import dino
+    dino.validate_config(config)
   optim.make_optimizer(config.optimizer, 0.0)  # unknown optimizer / decay mask
 
 
@@ -308,3 +311,34 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
       raise ValueError(f"config has no key {key!r}")
     node[leaf] = value
   return config
+
+
+def dino_config(model: str = "crate_base") -> ml_collections.ConfigDict:
+  """`base_config(model)` for task="dino" (crate_jax.training.dino): DINO's recipe defaults for
+  ViT-S/16 (their choices: AdamW lr 5e-4 x batch / 256, wd 0.04, 100 epochs, 10 warm-up, K =
+  65536, head 2048 / 256, student temperature 0.1, teacher 0.04 -> 0.07 over 30 epochs, centre
+  momentum 0.9, teacher momentum 0.996 -> 1, 2 x 224 global + 10 x 96 local crops, clip 3).
+  config.ema_decay is the teacher's base momentum; eval_ema scores the teacher."""
+  c = base_config(model)
+  c.task = "dino"
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.996
+  c.eval_ema = True
+  c.model.kwargs.interpolate_pos = True  # local crops: a smaller grid, positions resized
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 5e-4 * 1024 / 256
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.04
+  c.optimizer.warmup_epochs = 10.0
+  c.optimizer.grad_clip_norm = 3.0
+  c.batch_size = 1024
+  c.num_epochs = 100
+  c.data.multicrop = ml_collections.ConfigDict({
+      "num_local": 10, "local_size": 96, "global_scale": (0.4, 1.0),
+      "local_scale": (0.05, 0.4), "jitter_p": 0.8, "grey_p": 0.2, "blur_sigma": (0.1, 2.0)})
+  c.dino = ml_collections.ConfigDict({
+      "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "head_layers": 3,
+      "student_temp": 0.1, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07,
+      "teacher_temp_warmup_epochs": 30.0, "centre_momentum": 0.9, "momentum_final": 1.0,
+      "freeze_last_layer_epochs": 1.0})
+  return c

@@ -22,6 +22,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   from crate_jax import data as data_lib
   from crate_jax.training import evaluation
   config_lib.validate(config)
+  if config.task == "dino":
+    raise ValueError("config.task='dino' has no supervised head to score: use --protocol knn or "
+                     "--protocol linear (frozen teacher features)")
   model = models.from_config(config)
   image_shape = config_lib.input_shape(config)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
@@ -55,7 +58,8 @@ def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
   abstract = jax.eval_shape(init)
   params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
                                       adapt=functools.partial(models.adapt_params, model),
-                                      ema=config.ema_decay > 0 and config.eval_ema)
+                                      ema=config.ema_decay > 0 and config.eval_ema,
+                                      drop_extra=config.task == "dino")  # the DINO head
   return model, params
 
 

@@ -207,6 +207,8 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
     if rows:
       mean = {f"train/{k}": float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
       mean["train/lr"] = float(schedule(step - 1))
+      if p.task == "dino":
+        _dino_collapse_check(mean, step)
       writer.write_scalars(step, {**mean, **throughput.measure(step)})
 
   def save(step, metrics=None):
@@ -259,6 +261,15 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
       train_iter.close()
     _close_quietly(ckpts, writer, failing=not finished)
   return eval_metrics
+
+
+def _dino_collapse_check(mean: dict, step: int) -> None:
+  """Sets train/teacher_collapsed (1/0) and logs a warning when the DINO teacher has collapsed."""
+  from crate_jax.training import dino
+  warning = dino.collapse_warning({k[len("train/"):]: v for k, v in mean.items()})
+  mean["train/teacher_collapsed"] = float(warning is not None)
+  if warning:
+    logging.warning("step %d: %s", step, warning)
 
 
 def _close_quietly(ckpts, writer, failing: bool):

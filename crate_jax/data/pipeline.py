@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from crate_jax.data import datasets, mix, preprocess, randaugment, retry, text, text_datasets
+from crate_jax.data import (datasets, mix, multicrop, preprocess, randaugment, retry, text,
+                            text_datasets)
 from crate_jax.data.device import check_batch_size
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -119,13 +120,18 @@ def _check_train_cfg(cfg):
   if len(cfg.mean) != 3 or len(cfg.std) != 3:
     raise ValueError("config.data.mean and .std need 3 values (RGB)")
   randaugment.parse_ops(cfg.randaugment_ops)
+  if cfg.get("multicrop"):
+    multicrop.check(cfg)
 
 
 def _train_example_fn(cfg):
   """(epoch key, position in epoch, record) -> {"image", "label", "labels"}, stateless.
 
-  A tf.function, traced once and reused by every epoch's pipeline.
+  A tf.function, traced once and reused by every epoch's pipeline. With config.data.multicrop
+  (task="dino"): DINO's views instead (crate_jax.data.multicrop).
   """
+  if cfg.get("multicrop"):
+    return multicrop.example_fn(cfg)
   size, antialias = int(cfg.image_size), bool(cfg.resize_antialias)
   area = (float(cfg.crop_min_area), 1.0)
   layers = int(cfg.randaugment_layers)

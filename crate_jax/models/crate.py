@@ -217,17 +217,27 @@ class CRATE(nn.Module, kw_only=True):
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last layer
   dropout: float = 0.0            # MSSA output dropout (official default 0)
   emb_dropout: float = 0.0        # dropout after the positional embedding (official default 0)
+  interpolate_pos: bool = False   # other grids than image_size's: positions resized on the fly
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
 
   def embed(self, images):
-    """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d)."""
-    L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d).
+    With interpolate_pos, images of another grid than image_size's get the table resized
+    (bicubic, class row kept; posemb.resize_pos_embedding) inside the forward pass."""
+    n = L.num_patches(self.image_size, self.patch_size)
+    grid = L.check_images(images, self.patch_size, self.channels)
+    if not self.interpolate_pos or grid[0] * grid[1] == n:
+      L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
     x = PatchEmbed(patch_size=self.patch_size, dim=self.dim, dtype=self.dtype,
                    name="patch_embed")(images)
+    positions = nn.initializers.normal(1.0)
+    if grid[0] * grid[1] != n:  # interpolate_pos: e.g. DINO's local crops (a smaller grid)
+      table = self.param("pos_embedding", positions, (1, n + 1, self.dim), jnp.float32)
+      positions = posemb.resize_pos_embedding(table, grid)[0]
     return L.with_class_token(self, x, cls_name="cls_token", cls_init=nn.initializers.normal(1.0),
-                              positions=nn.initializers.normal(1.0))
+                              positions=positions)
 
   def pool_and_head(self, tokens):
     pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)

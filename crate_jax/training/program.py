@@ -77,19 +77,27 @@ def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: 
                             depth=getattr(model, "depth", None))
   init = lambda: steps.create_train_state(model, tx, image_shape, config.seed,
                                           ema=config.ema_decay > 0)
+  if task == "dino":  # student/teacher/centre state and steps: crate_jax.training.dino_step
+    from crate_jax.training import dino_step
+    head = dino_step.make_head(config)
+    init = lambda: dino_step.create_state(model, head, tx, image_shape, config.seed)
   abstract = jax.eval_shape(init)
   state_sh = sharding.state_shardings(abstract, mesh, config.mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
   text = text_tasks.spec_from_config(config)
-  train_step = jax.jit(
-      in_mesh(steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
-                                    grad_accum_steps=config.grad_accum_steps,
-                                    ema_decay=config.ema_decay, text=text), mesh),
-      in_shardings=(state_sh, data_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(in_mesh(steps.make_eval_step(model, task=task, text=text), mesh),
-                      in_shardings=(state_sh.params, data_sh))
+  if task == "dino":
+    train_fn = dino_step.make_train_step(model, head, tx, config, total_steps, steps_per_epoch)
+    eval_fn = dino_step.make_eval_step(model, head, config)
+  else:
+    train_fn = steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
+                                     grad_accum_steps=config.grad_accum_steps,
+                                     ema_decay=config.ema_decay, text=text)
+    eval_fn = steps.make_eval_step(model, task=task, text=text)
+  train_step = jax.jit(in_mesh(train_fn, mesh), in_shardings=(state_sh, data_sh),
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_step = jax.jit(in_mesh(eval_fn, mesh), in_shardings=(state_sh.params, data_sh))
   return Program(tx=tx, schedule=schedule, state_sharding=state_sh, data_sharding=data_sh,
                  abstract_state=abstract, init=jax.jit(init, out_shardings=state_sh),
                  train_step=train_step, eval_step=eval_step)

@@ -25,6 +25,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # raw uint32 key data, so the state is a plain checkpointable pytree
   ema_params: Any = None  # weight EMA (config.ema_decay > 0), else None
+  dino_centre: Any = None  # task="dino": the teacher's running centre (1, K) (training/dino_step)
 
   def eval_params(self, use_ema: bool):
     """The weights evaluation uses: the EMA when asked and kept, else the trained ones."""
@@ -123,9 +124,11 @@ def make_train_step(model, tx, *, task: str = "classification", label_smoothing:
 
 # The eval metrics of each task, and for each the default best-checkpoint metric and its mode.
 EVAL_METRICS = {"classification": ("loss", "top1", "top5"), "mae": ("loss",),
-                "lm": text_tasks.EVAL_METRICS, "mlm": text_tasks.EVAL_METRICS}
+                "lm": text_tasks.EVAL_METRICS, "mlm": text_tasks.EVAL_METRICS,
+                "dino": ("teacher_entropy",)}
 BEST_METRIC = {"classification": ("top1", "max"), "mae": ("loss", "min"), "lm": ("loss", "min"),
-               "mlm": ("loss", "min")}
+               "mlm": ("loss", "min"),
+               "dino": ("teacher_entropy", "min")}  # dino: the sharpest teacher; kNN scores it
 
 
 def derived_metrics(task: str, metrics: dict) -> dict:

@@ -1,0 +1,110 @@
+"""DINO pieces against hand-computed values (float64 via numpy where exactness matters)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax.models import dino_head
+from crate_jax.training import dino
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_momentum_schedule_cosine_from_base_to_one():
+  m = [float(dino.momentum_schedule(s, 100)) for s in (0, 50, 100, 200)]
+  assert m[0] == pytest.approx(0.996, abs=1e-7)
+  assert m[1] == pytest.approx(0.998, abs=1e-7)  # halfway: cos = 0 -> mean of base and 1
+  assert m[2] == pytest.approx(1.0, abs=1e-7) and m[3] == pytest.approx(1.0, abs=1e-7)
+
+
+def test_teacher_temperature_warmup_linear_then_constant():
+  assert float(dino.teacher_temperature(0, 10, 0.04, 0.07)) == pytest.approx(0.04)
+  assert float(dino.teacher_temperature(5, 10, 0.04, 0.07)) == pytest.approx(0.055)
+  assert float(dino.teacher_temperature(30, 10, 0.04, 0.07)) == pytest.approx(0.07)
+  assert float(dino.teacher_temperature(3, 0, 0.04, 0.07)) == pytest.approx(0.07)
+
+
+def test_centre_update_is_ema_of_batch_mean():
+  c = jnp.array([[1.0, -1.0]])
+  t = jnp.array([[[0.0, 2.0], [2.0, 0.0]], [[4.0, 2.0], [2.0, 0.0]]])  # (G=2, B=2, K=2) mean 2, 1
+  out = np.asarray(dino.update_centre(c, t, 0.9))
+  np.testing.assert_allclose(out, [[0.9 * 1 + 0.1 * 2, 0.9 * -1 + 0.1 * 1]], rtol=1e-6)
+
+
+def test_dino_loss_pairs_of_different_views_by_hand():
+  rng = np.random.default_rng(0)
+  v, g, b, k = 4, 2, 3, 5
+  s, t = rng.normal(size=(v, b, k)), rng.normal(size=(g, b, k))
+  c = rng.normal(size=(1, k)) * 0.1
+  ts, tt = 0.1, 0.04
+  total, n = 0.0, 0
+  for i in range(g):
+    for j in range(v):
+      if i == j:
+        continue
+      p_t = _softmax((t[i] - c) / tt)
+      log_p_s = np.log(_softmax(s[j] / ts))
+      total += float(np.mean(-np.sum(p_t * log_p_s, -1)))
+      n += 1
+  assert n == 6  # 2 teacher views x 3 other student views
+  with jax.enable_x64(True):
+    got = float(dino.dino_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(c), student_temp=ts,
+                               teacher_temp=tt))
+  assert got == pytest.approx(total / n, rel=1e-9)
+
+
+def test_dino_loss_no_gradient_into_teacher_or_centre():
+  s, t, c = jnp.ones((3, 2, 4)), jnp.arange(16.0).reshape(2, 2, 4), jnp.zeros((1, 4))
+  gt = jax.grad(lambda t: dino.dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04))(t)
+  gs = jax.grad(lambda s: dino.dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04))(s)
+  assert float(jnp.abs(gt).max()) == 0.0 and float(jnp.abs(gs).max()) > 0.0
+
+
+def test_collapse_metrics_and_warning():
+  k = 8
+  uniform = jnp.full((4, k), 1.0 / k)
+  same = jax.nn.one_hot(jnp.zeros(4, jnp.int32), k)
+  spread = jax.nn.one_hot(jnp.arange(4) * 2, k)
+  mu, ms, md = (dino.collapse_metrics(x) for x in (uniform, same, spread))
+  assert float(mu["teacher_entropy"]) == pytest.approx(math.log(k), rel=1e-6)
+  assert float(mu["teacher_kl_uniform"]) == pytest.approx(0.0, abs=1e-6)
+  assert float(ms["teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
+  assert float(ms["teacher_kl_uniform"]) == pytest.approx(math.log(k), rel=1e-6)
+  # four distinct prototypes of eight: H(mean) = log 4, KL = log 8 - log 4
+  assert float(md["teacher_kl_uniform"]) == pytest.approx(math.log(2), rel=1e-6)
+  as_float = lambda m: {key: float(v) for key, v in m.items()}
+  assert "uniform" in dino.collapse_warning(as_float(mu))
+  assert "same prototype" in dino.collapse_warning(as_float(ms))
+  assert dino.collapse_warning(as_float(md)) is None
+
+
+def test_head_shapes_and_weight_normalised_prototypes():
+  head = dino_head.DINOHead(out_dim=7, hidden_dim=16, bottleneck_dim=4)
+  x = jax.random.normal(jax.random.key(0), (5, 12))
+  params = head.init(jax.random.key(1), x)["params"]
+  assert set(params) == {"mlp_0", "mlp_1", "mlp_2", "prototypes"}
+  assert params["mlp_2"]["kernel"].shape == (16, 4)
+  out = head.apply({"params": params}, x)
+  assert out.shape == (5, 7)
+  # logits are cosines between the normalised bottleneck and unit prototypes: scale-invariant
+  # in each prototype and bounded by 1; recomputed here by hand in float64.
+  scaled = dict(params, prototypes={"kernel": params["prototypes"]["kernel"] * 3.0})
+  np.testing.assert_allclose(head.apply({"params": scaled}, x), out, rtol=1e-5, atol=1e-6)
+  h = np.asarray(x, np.float64)
+  erf = np.vectorize(math.erf)
+  gelu = lambda a: 0.5 * a * (1 + erf(a / math.sqrt(2)))
+  for i in range(2):
+    p = params[f"mlp_{i}"]
+    h = gelu(h @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64))
+  p = params["mlp_2"]
+  z = h @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  v = np.asarray(params["prototypes"]["kernel"], np.float64)
+  want = z @ (v / np.linalg.norm(v, axis=0, keepdims=True))
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  assert np.abs(want).max() <= 1.0 + 1e-9
