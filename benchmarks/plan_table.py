@@ -69,25 +69,32 @@ def command(config_arg, model, topology, overrides, extra=""):
 
 
 def rows_to_run(max_topology: str):
+  """The rows, the most telling first (an interrupted run has those)."""
   for label, cfg, model in MODELS:
     for topo in TOPOLOGIES:
       yield {"part": "recipe", "label": label, "config": cfg, "model": model, "topology": topo,
              "overrides": {"model.scan_layers": True}}
-  for label, cfg, model in MODELS:
-    yield {"part": "unrolled", "label": label, "config": cfg, "model": model,
-           "topology": max_topology, "overrides": {}}
-  for label, cfg, model in MODELS:
+  yield {"part": "pod", "label": "crate_base_pod", "config": "configs/crate_base_pod.py",
+         "model": None, "topology": "v4-128", "overrides": {}}
+  by_size = [MODELS[i] for i in (3, 5, 2, 4, 1, 0)]   # L, alpha-L/14, B, alpha-B/16, S, T
+  for label, cfg, model in by_size[:3]:
     for variant, overrides in VARIANTS.items():
       yield {"part": "maxbatch", "label": label, "config": cfg, "model": model,
              "topology": max_topology, "variant": variant,
              "overrides": {"model.scan_layers": True, **overrides}}
+  for label, cfg, model in by_size:
+    yield {"part": "unrolled", "label": label, "config": cfg, "model": model,
+           "topology": max_topology, "overrides": {}}
   for label, cfg, model in (MODELS[3], MODELS[5]):
     for policy in REMAT_POLICIES:
       yield {"part": "remat", "label": label, "config": cfg, "model": model,
              "topology": max_topology, "variant": policy,
              "overrides": {"model.scan_layers": True, "remat": policy}}
-  yield {"part": "pod", "label": "crate_base_pod", "config": "configs/crate_base_pod.py",
-         "model": None, "topology": "v4-128", "overrides": {}}
+  for label, cfg, model in by_size[3:]:
+    for variant, overrides in VARIANTS.items():
+      yield {"part": "maxbatch", "label": label, "config": cfg, "model": model,
+             "topology": max_topology, "variant": variant,
+             "overrides": {"model.scan_layers": True, **overrides}}
 
 
 def key(row) -> str:
@@ -147,7 +154,8 @@ def markdown(rows: list[dict]) -> str:
     lines.append(f"| {label} ({batch}) | " + " | ".join(cells) + f" | {ratio} |")
   lines += ["", "Largest per-chip batch that fits on v5litepod-8 (16 GiB per chip), scanned "
             "layers; per-chip argument bytes (params + optimizer state) at the recipe batch; "
-            "compile time of the train step at the recipe batch, unrolled vs scanned.", "",
+            "compile time (s) of the train step at the recipe batch, unrolled vs scanned (oom: "
+            "refused by the HBM check, `-`: no figure for a refused compile).", "",
             "| model | plain | remat (full) | FSDP (fsdp=8) | arguments plain / FSDP (GiB) | "
             "compile unrolled / scanned (s) |", "|---|---|---|---|---|---|"]
   for label, _, _ in MODELS:
@@ -163,9 +171,13 @@ def markdown(rows: list[dict]) -> str:
         args.append(r["report"]["argument_bytes"])
     unrolled = by.get(key({"part": "unrolled", "label": label, "topology": "v5litepod-8"}))
     scanned = by.get(key({"part": "recipe", "label": label, "topology": "v5litepod-8"}))
-    times = (f"{unrolled['report']['compile_s']:.0f} / {scanned['report']['compile_s']:.0f}"
-             if unrolled and scanned else "?")
-    arg = " / ".join(f"{a / 2 ** 30:.2f}" for a in args if a is not None) or "?"
+    if set(cells) == {"?"}:
+      continue   # not compiled (yet)
+    def seconds(r):   # a compile the HBM check refuses stops early: its time says nothing
+      return "?" if r is None else ("oom" if not r["report"]["fits"]
+                                    else f"{r['report']['compile_s']:.0f}")
+    times = f"{seconds(unrolled)} / {seconds(scanned)}"
+    arg = " / ".join("-" if a is None else f"{a / 2 ** 30:.2f}" for a in args) or "?"
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {arg} | {times} |")
   remat = [r for r in rows if r["part"] == "remat"]
   if remat:
