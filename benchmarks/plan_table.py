@@ -153,7 +153,7 @@ def markdown(rows: list[dict]) -> str:
       ratio = f"{rep['flops_ratio']:.3f}" if rep.get("flops_ratio") else "-"
     lines.append(f"| {label} ({batch}) | " + " | ".join(cells) + f" | {ratio} |")
   lines += ["", "Largest per-chip batch that fits on v5litepod-8 (16 GiB per chip), scanned "
-            "layers; per-chip argument bytes (params + optimizer state) at the recipe batch; "
+            "layers; per-chip argument bytes (params, optimizer state and the batch) at the recipe batch; "
             "compile time (s) of the train step at the recipe batch, unrolled vs scanned (oom: "
             "refused by the HBM check, `-`: no figure for a refused compile).", "",
             "| model | plain | remat (full) | FSDP (fsdp=8) | arguments plain / FSDP (GiB) | "
