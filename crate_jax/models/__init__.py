@@ -11,7 +11,8 @@ from crate_jax.models.crate_alpha import ALPHA_VARIANTS, CRATEAlpha, alpha_kwarg
 from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
-from crate_jax.models.family import (adapt_params, forward_flops, head_params, layer_ids,
+from crate_jax.models.family import (adapt_params, forward_flops, has_class_token, head_params,
+                                     layer_ids,
                                      layer_outputs, scan_layout)
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
@@ -40,7 +41,7 @@ for _size, (_dim, _depth, _heads) in MAE_SIZES.items():
   register(f"crate_mae_classifier_{_size}", CRATEMAEClassifier, **_arch)
 
 __all__ = ["CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
-           "from_config", "get", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
+           "from_config", "get", "has_class_token", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
            "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",
