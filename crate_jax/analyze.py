@@ -231,8 +231,20 @@ def main(argv):
       cli.import_tensorflow()
     except ImportError:
       pass  # dataset_images() says what is missing
+  if f.segment:
+    if f.images:
+      raise AnalyzeError("--segment scores against a dataset's ground truth: pass --split (or "
+                         "nothing: the eval split), not --images")
+    from crate_jax import analyze_segment
+    result = analyze_segment.segment_analysis(
+        f.config, f.checkpoint, f.out, split=f.split, num_images=f["num-images"].value or 256,
+        layer=f.layer, methods=[m.strip() for m in f.seg_methods.split(",") if m.strip()],
+        share=f.seg_share, tau=f.seg_tau, num_objects=f.seg_objects,
+        upsampling=f.seg_upsampling)
+    print(json.dumps(result["paths"], indent=2))
+    return
   result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
-                   num_images=f["num-images"].value, layer=f.layer,
+                   num_images=f["num-images"].value or 8, layer=f.layer,
                    image_size=f["image-size"].value)
   print(json.dumps(result["paths"], indent=2))
 
@@ -247,7 +259,14 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
     flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
     flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
-    flags.DEFINE_integer("num-images", 8, "Number of images.")
+    flags.DEFINE_integer("num-images", None, "Number of images (default 8; --segment: 256).")
+    flags.DEFINE_bool("segment", False, "Measure emergent segmentation (IoU per layer, head and "
+                      "method against the dataset's ground truth) instead.")
+    flags.DEFINE_string("seg_methods", "attention,pca,maskcut", "--segment: methods.")
+    flags.DEFINE_float("seg_share", 0.6, "--segment: attention mass kept (DINO's 60% rule).")
+    flags.DEFINE_float("seg_tau", 0.2, "--segment: MaskCut's cosine affinity threshold.")
+    flags.DEFINE_integer("seg_objects", 1, "--segment: MaskCut objects (their union is scored).")
+    flags.DEFINE_string("seg_upsampling", "nearest", "--segment: nearest or bilinear.")
     flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
     flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
     flags.DEFINE_alias("num_images", "num-images")

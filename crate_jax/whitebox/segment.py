@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from crate_jax.whitebox.maps import pca
+import numpy as np
 
 UPSAMPLING = ("nearest", "bilinear")
+
+
+def eigh(M: jax.Array):
+  """(eigenvalues ascending, eigenvectors) of symmetric M (..., n, n), solved on the host by
+  numpy in float64 (jax.pure_callback): XLA:CPU was seen to hang intermittently running its own
+  batched eigensolvers inside one program."""
+  def solve(a):
+    w, v = np.linalg.eigh(np.asarray(a, np.float64))
+    return w.astype(np.float32), v.astype(np.float32)
+  shapes = (jax.ShapeDtypeStruct(M.shape[:-1], jnp.float32),
+            jax.ShapeDtypeStruct(M.shape, jnp.float32))
+  return jax.pure_callback(solve, shapes, M, vmap_method="broadcast_all")
 
 
 def attention_mass_mask(attention: jax.Array, share: float = 0.6) -> jax.Array:
@@ -56,7 +67,10 @@ def pca_mask(features: jax.Array, grid: tuple[int, int]) -> jax.Array:
   thresholded half-way between its extremes (as the PCA picture's min-max > 0.5):
   fg = {i : c_i > (min c + max c) / 2}, replaced by its complement when it holds more than half
   the patches (the foreground is the minority side). -> bool (gh, gw)."""
-  first = pca(features, 1)[:, 0]
+  x = features.astype(jnp.float32)
+  centred = x - jnp.mean(x, axis=0)
+  _, vecs = eigh(centred.T @ centred / x.shape[0])
+  first = centred @ vecs[:, -1]
   fg = first > 0.5 * (jnp.min(first) + jnp.max(first))
   fg = jnp.where(2 * jnp.sum(fg) > fg.size, ~fg, fg)
   return fg.reshape(grid)
@@ -82,7 +96,7 @@ def ncut_bipartition(W: jax.Array, active: jax.Array) -> jax.Array:
   d = jnp.sum(W, axis=-1)
   inv_sqrt = jnp.where(active, 1.0 / jnp.sqrt(jnp.maximum(d, 1e-30)), 0.0)
   M = W * inv_sqrt[:, None] * inv_sqrt[None, :] - 2.0 * jnp.diag(1.0 - m)
-  _, vecs = jnp.linalg.eigh(M)
+  _, vecs = eigh(M)
   x = vecs[:, -2] * inv_sqrt
   count = jnp.maximum(jnp.sum(m), 1.0)
   side = (x > jnp.sum(x * m) / count) & active
@@ -125,7 +139,6 @@ def jaccard(pred: jax.Array, gt: jax.Array) -> jax.Array:
 def centred_box(size: tuple[int, int], area: float) -> jax.Array:
   """bool (H, W): the centred box of round(H sqrt(area)) x round(W sqrt(area)) pixels (the same
   aspect as the image), area a fraction in [0, 1]."""
-  import numpy as np
   h, w = size
   side = float(np.sqrt(np.clip(area, 0.0, 1.0)))
   bh, bw = int(round(h * side)), int(round(w * side))
