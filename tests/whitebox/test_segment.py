@@ -146,3 +146,25 @@ def test_tied_mssa_output_and_layer_stats():
   assert np.all(np.isfinite(stats["dictionary_orthogonality"]))
   assert not models.has_class_token(models.get("crate_mae_tiny", image_size=16, patch_size=4))
   assert models.has_class_token(free)
+
+
+def test_segment_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
+  from crate_jax import analyze, analyze_segment, config_lib
+  from tests.helpers import EMBEDDED, ROOT
+  import os
+  monkeypatch.setattr(analyze.jax, "jit", lambda *_, **__: pytest.fail("compiled"))
+  arch = dict(patch_size=4, dim=16, depth=2, heads=2, dim_head=8)
+  out = str(tmp_path / "out")
+  embedded = config_lib.load_config(EMBEDDED, **{"model.kwargs": dict(arch)})
+  with pytest.raises(analyze.AnalyzeError, match="--layer 5 is out of range for a 2-layer"):
+    analyze_segment.segment_analysis(embedded, str(tmp_path), out, layer=5)
+  no_masks = config_lib.load_config(EMBEDDED, **{"model.kwargs": dict(arch)})
+  with no_masks.unlocked():
+    no_masks.data.name = "cifar10"
+  with pytest.raises(analyze.AnalyzeError, match="'cifar10' .* has no segmentation masks"):
+    analyze_segment.segment_analysis(no_masks, str(tmp_path), out)
+  mae = config_lib.load_config(os.path.join(ROOT, "configs", "crate_mae_base.py"),
+                               **{"model.kwargs": dict(arch, image_size=224)})
+  with pytest.raises(analyze.AnalyzeError, match="CRATEMAE has no class token"):
+    analyze_segment.segment_analysis(mae, str(tmp_path), out, methods=("attention",))
+  assert not os.path.exists(out)
