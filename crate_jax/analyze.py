@@ -182,9 +182,18 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
       "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
                                 layer=layer, names=names),
   }
-  rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())}}
+  from crate_jax.whitebox import subspaces
+  sub = subspaces.layer_subspace_stats(params)
+  sub_init = subspaces.layer_subspace_stats(
+      model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]) if sub else {}
+  rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())},
+           **{k: float(v[l]) for k, v in sub.items()},
+           **{f"{k}_random_init": float(v[l]) for k, v in sub_init.items()}}
           for l in range(model.depth)]
   paths["csv"] = _write_csv(rows, os.path.join(out_dir, "layerwise.csv"))
+  if sub:
+    paths["subspaces"] = figures.subspaces_figure(
+        sub, sub_init, os.path.join(out_dir, "layerwise_subspaces.png"), title=title)
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
       "image_size": size, "training_image_size": training_image_size(config),
@@ -207,6 +216,11 @@ FORMULAS = {
     "objective": "coding_rate_c + lambda * l0 - coding_rate",
     "sparsity": "fraction of exact zeros of Z^{l+1} over N*d entries (CLS included)",
     "density": "1 - sparsity", "l1_over_l0": "||Z^{l+1}||_1 / ||Z^{l+1}||_0",
+    "incoherence_max": "max over head pairs k != j of ||U_k^T U_j||_2 (_mean: their mean; "
+                       "_random_init: the same model initialised with key 0)",
+    "principal_cosine_max": "the same with orthonormal bases of span(U_k): cos of the smallest "
+                            "principal angle",
+    "dictionary_orthogonality": "||D^T D - I||_F / ||I||_F",
     "aggregation": "per image, then mean and std (ddof=0) over images; eps = 0.01 plays eps^2",
 }
 
