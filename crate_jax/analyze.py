@@ -182,9 +182,18 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
       "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
                                 layer=layer, names=names),
   }
-  rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())}}
+  from crate_jax.whitebox import subspaces
+  sub = subspaces.layer_subspace_stats(params)
+  sub_init = subspaces.layer_subspace_stats(
+      model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]) if sub else {}
+  rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())},
+           **{k: float(v[l]) for k, v in sub.items()},
+           **{f"{k}_random_init": float(v[l]) for k, v in sub_init.items()}}
           for l in range(model.depth)]
   paths["csv"] = _write_csv(rows, os.path.join(out_dir, "layerwise.csv"))
+  if sub:
+    paths["subspaces"] = figures.subspaces_figure(
+        sub, sub_init, os.path.join(out_dir, "layerwise_subspaces.png"), title=title)
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
       "image_size": size, "training_image_size": training_image_size(config),
@@ -217,6 +226,11 @@ FORMULAS = {
     "objective": "coding_rate_c + lambda * l0 - coding_rate",
     "sparsity": "fraction of exact zeros of Z^{l+1} over N*d entries (CLS included)",
     "density": "1 - sparsity", "l1_over_l0": "||Z^{l+1}||_1 / ||Z^{l+1}||_0",
+    "incoherence_max": "max over head pairs k != j of ||U_k^T U_j||_2 (_mean: their mean; "
+                       "_random_init: the same model initialised with key 0)",
+    "principal_cosine_max": "the same with orthonormal bases of span(U_k): cos of the smallest "
+                            "principal angle",
+    "dictionary_orthogonality": "||D^T D - I||_F / ||I||_F",
     "aggregation": "per image, then mean and std (ddof=0) over images; eps = 0.01 plays eps^2",
 }
 
@@ -241,8 +255,20 @@ def main(argv):
       cli.import_tensorflow()
     except ImportError:
       pass  # dataset_images() says what is missing
+  if f.segment:
+    if f.images:
+      raise AnalyzeError("--segment scores against a dataset's ground truth: pass --split (or "
+                         "nothing: the eval split), not --images")
+    from crate_jax import analyze_segment
+    result = analyze_segment.segment_analysis(
+        f.config, f.checkpoint, f.out, split=f.split, num_images=f["num-images"].value or 256,
+        layer=f.layer, methods=[m.strip() for m in f.seg_methods.split(",") if m.strip()],
+        share=f.seg_share, tau=f.seg_tau, num_objects=f.seg_objects,
+        upsampling=f.seg_upsampling)
+    print(json.dumps(result["paths"], indent=2))
+    return
   result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
-                   num_images=f["num-images"].value, layer=f.layer,
+                   num_images=f["num-images"].value or 8, layer=f.layer,
                    image_size=f["image-size"].value)
   print(json.dumps(result["paths"], indent=2))
 
@@ -257,7 +283,14 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
     flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
     flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
-    flags.DEFINE_integer("num-images", 8, "Number of images.")
+    flags.DEFINE_integer("num-images", None, "Number of images (default 8; --segment: 256).")
+    flags.DEFINE_bool("segment", False, "Measure emergent segmentation (IoU per layer, head and "
+                      "method against the dataset's ground truth) instead.")
+    flags.DEFINE_string("seg_methods", "attention,pca,maskcut", "--segment: methods.")
+    flags.DEFINE_float("seg_share", 0.6, "--segment: attention mass kept (DINO's 60% rule).")
+    flags.DEFINE_float("seg_tau", 0.2, "--segment: MaskCut's cosine affinity threshold.")
+    flags.DEFINE_integer("seg_objects", 1, "--segment: MaskCut objects (their union is scored).")
+    flags.DEFINE_string("seg_upsampling", "nearest", "--segment: nearest or bilinear.")
     flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
     flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
     flags.DEFINE_alias("num_images", "num-images")

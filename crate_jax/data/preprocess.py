@@ -111,12 +111,17 @@ def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def resize_shorter(image: tf.Tensor, shorter: int, antialias: bool = True) -> tf.Tensor:
-  """torchvision Resize(int): shorter side -> `shorter`, longer -> int(shorter * long / short)."""
+def shorter_side_size(image: tf.Tensor, shorter: int) -> tf.Tensor:
+  """(h, w) int32 with the shorter side -> `shorter`, longer -> int(shorter * long / short)."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = shorter / tf.reduce_min(hw)
   new = tf.where(hw == tf.reduce_min(hw), float(shorter), tf.floor(hw * scale))
-  return resize(image, tf.cast(new, tf.int32), antialias)
+  return tf.cast(new, tf.int32)
+
+
+def resize_shorter(image: tf.Tensor, shorter: int, antialias: bool = True) -> tf.Tensor:
+  """torchvision Resize(int): shorter side -> `shorter`, longer -> int(shorter * long / short)."""
+  return resize(image, shorter_side_size(image, shorter), antialias)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -135,3 +140,18 @@ def eval_image(image: tf.Tensor, size: int, resize_to: int, antialias: bool = Tr
   else:
     out = resize(image, size, antialias)
   return tf.ensure_shape(out, [size, size, 3])
+
+
+def eval_mask(mask: tf.Tensor, size: int, resize_to: int) -> tf.Tensor:
+  """A label map (encoded PNG or (H, W[, 1]) integers) through `eval_image`'s geometry with
+  nearest-neighbour resizing, so labels stay labels: (size, size), the input's dtype."""
+  if mask.dtype == tf.string:
+    mask = tf.io.decode_image(mask, channels=1, expand_animations=False)
+  elif mask.shape.rank == 2:
+    mask = mask[..., None]
+  if resize_to > size:
+    mask = tf.image.resize(mask, shorter_side_size(mask, resize_to), method="nearest")
+    mask = center_crop(mask, size)
+  else:
+    mask = tf.image.resize(mask, [size, size], method="nearest")
+  return tf.ensure_shape(mask[..., 0], [size, size])

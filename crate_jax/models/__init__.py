@@ -12,7 +12,8 @@ from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
 from crate_jax.models.crate_lm import LM_SIZES, TextModel, lm_kwargs
-from crate_jax.models.family import (adapt_params, forward_flops, head_params, layer_ids,
+from crate_jax.models.family import (adapt_params, forward_flops, has_class_token, head_params,
+                                     layer_ids,
                                      layer_outputs, scan_layout)
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
@@ -49,7 +50,7 @@ for _size in ("tiny", "mini", "base", "large"):
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
 __all__ = ["TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
-           "from_config", "get", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
+           "from_config", "get", "has_class_token", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
            "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",

@@ -28,7 +28,8 @@ def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
   causal: token i attends to tokens j <= i only (CRATE-GPT). memory: w -> (keys, mask), the
   features attended to instead of w itself (a key-value cache: with q = k = v one array serves as
   both keys and values). Returns (output, w, attention weights or None), w = U^T z being the
-  subspace features.
+  subspace features. The derivation's tied output is w_out = U^T (jnp.moveaxis(U, 0, -1)),
+  b_out = 0: sum_k U_k softmax(.) w_k.
   """
   w = jnp.einsum("bnd,dhp->bnhp", z, U)
   keys, mask = (w, None) if memory is None else memory(w)
@@ -86,11 +87,15 @@ class PatchEmbed(nn.Module, kw_only=True):
     return L.layer_norm("embed_norm", self.dtype)(x)
 
 
+MSSA_OUTPUTS = ("free", "tied")
+
+
 class MSSA(nn.Module, kw_only=True):
   """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v).
 
   init: "torch" (nn.Linear defaults, the classifier) or "xavier" (xavier-uniform U and W_out,
-  zero b_out, as CRATE-MAE initialises it).
+  zero b_out, as CRATE-MAE initialises it). output: "free" (a learned W_out, b_out: the official
+  model) or "tied" (the derivation's U_[K] itself, no bias: no out_kernel / out_bias parameters).
   """
   dim: int
   heads: int
@@ -100,19 +105,26 @@ class MSSA(nn.Module, kw_only=True):
   init: str = "torch"
   causal: bool = False            # token i attends to j <= i (CRATE-GPT)
   decode: bool = False            # attend through a key-value cache (`cached_features`)
+  output: str = "free"
 
   @nn.compact
   def __call__(self, z, return_weights: bool = False):
     d, inner = self.dim, self.heads * self.dim_head
+    if self.output not in MSSA_OUTPUTS:
+      raise ValueError(f"mssa_output={self.output!r} is not one of {MSSA_OUTPUTS}")
     if self.init == "xavier":
       inits = (L.xavier_uniform_init(d, inner), L.xavier_uniform_init(inner, d),
                nn.initializers.zeros)
     else:
       inits = (None, None, None)
     U = L.heads_kernel(self, "U", (d, self.heads, self.dim_head), d, inits[0])
-    w_out = L.heads_kernel(self, "out_kernel", (self.heads, self.dim_head, d), inner, inits[1])
-    b_out = L.heads_kernel(self, "out_bias", (d,), inner, inits[2])
-    z, U, w_out, b_out = L.cast(self.dtype, z, U, w_out, b_out)
+    if self.output == "tied":
+      z, U = L.cast(self.dtype, z, U)
+      w_out, b_out = jnp.moveaxis(U, 0, -1), jnp.zeros((), z.dtype)
+    else:
+      w_out = L.heads_kernel(self, "out_kernel", (self.heads, self.dim_head, d), inner, inits[1])
+      b_out = L.heads_kernel(self, "out_bias", (d,), inner, inits[2])
+      z, U, w_out, b_out = L.cast(self.dtype, z, U, w_out, b_out)
     memory = (lambda w: cached_features(self, w)) if self.decode else None
     return mssa(z, U, w_out, b_out, return_weights=return_weights,
                 implementation=self.attention_impl, causal=self.causal and not self.decode,
@@ -144,6 +156,7 @@ class CRATELayer(nn.Module, kw_only=True):
   attention_impl: str | None = None
   return_weights: bool = False
   mssa_init: str = "torch"
+  mssa_output: str = "free"       # or "tied": U itself projects back (MSSA.output)
   dropout: float = 0.0            # on the MSSA output (the official to_out Dropout; 0 there)
   deterministic: bool = True      # False while training: dropout and stochastic depth act
   causal: bool = False            # causal MSSA (CRATE-GPT)
@@ -157,7 +170,7 @@ class CRATELayer(nn.Module, kw_only=True):
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, init=self.mssa_init, causal=self.causal,
-        decode=self.decode, name="mssa")(
+        decode=self.decode, output=self.mssa_output, name="mssa")(
             normed, return_weights=self.return_weights)
     if self.dropout > 0:
       attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)
@@ -218,6 +231,7 @@ class CRATE(nn.Module, kw_only=True):
   dropout: float = 0.0            # MSSA output dropout (official default 0)
   emb_dropout: float = 0.0        # dropout after the positional embedding (official default 0)
   interpolate_pos: bool = False   # other grids than image_size's: positions resized on the fly
+  mssa_output: str = "free"       # "tied": MSSA projects back with U itself (the derivation)
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
@@ -251,6 +265,8 @@ class CRATE(nn.Module, kw_only=True):
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    if self.mssa_output not in MSSA_OUTPUTS:
+      raise ValueError(f"mssa_output must be one of {MSSA_OUTPUTS}, got {self.mssa_output!r}")
     z = self.embed(jnp.asarray(images, self.dtype))
     if self.emb_dropout > 0:
       z = nn.Dropout(rate=self.emb_dropout)(z, deterministic=not train)
@@ -259,7 +275,8 @@ class CRATE(nn.Module, kw_only=True):
         scan=self.scan_layers, collect=return_intermediates, drop_path_rate=self.drop_path_rate,
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, eta=self.eta, lambd=self.lambd,
         dtype=self.dtype, attention_impl=self.attention_impl,
-        return_weights=return_intermediates, dropout=self.dropout, deterministic=not train)
+        return_weights=return_intermediates, dropout=self.dropout, deterministic=not train,
+        mssa_output=self.mssa_output)
     logits, pre_logits = self.pool_and_head(z)
     if not return_intermediates:
       return logits

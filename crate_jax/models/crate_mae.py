@@ -221,6 +221,7 @@ class CRATEMAE(nn.Module, kw_only=True):
   attention_impl: str | None = None
 
   head_params: ClassVar[tuple[str, ...]] = ()
+  class_token: ClassVar[bool] = False  # its class token is never read: the decoder drops its row
 
   @nn.nowrap
   def decoder_arch(self) -> tuple[int, int]:

@@ -5,6 +5,7 @@
   forward_flops(model)                      matmul FLOPs of one forward pass per example, or None
   layer_outputs(model, out)                 (L, B, N, d) each layer's output, from intermediates
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
+  has_class_token(model)                    whether a class token's attention can be read
   scan_layout(params, scanned)              params between unrolled (layer_i) and scanned stacks
 """
 from __future__ import annotations
@@ -84,6 +85,12 @@ def layer_outputs(model, out: dict):
   model's `layer_output_key` ("codes" for CRATE, whose layer output is the ISTA code; "blocks"
   for CRATE-alpha and ViT, whose codes are not the layer output)."""
   return out[getattr(model, "layer_output_key", "blocks")]
+
+
+def has_class_token(model) -> bool:
+  """The model's `class_token` ClassVar: True when token 0 is a class token its objective reads
+  (so its attention row is a read-out); True for modules that do not say."""
+  return bool(getattr(model, "class_token", True))
 
 
 def layer_ids(model, params):

@@ -119,3 +119,85 @@ def curves_figure(stats: dict, path: str, *, title: str = "") -> str:
     fig.suptitle(title, fontsize=10)
   fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.82 if title else 0.9, wspace=0.25)
   return _save(fig, path)
+
+
+BASELINE_STYLES = {"centred_box": ("k", "--"), "all_foreground": ("0.5", ":")}
+
+
+def segmentation_figure(ious: dict, baselines: dict, path: str, *, random_ious: dict | None = None,
+                        title: str = "") -> str:
+  """One panel: mean IoU against the ground truth vs layer, one solid line per method (dashed in
+  the same colour: the same model at random initialisation), baselines as horizontal lines.
+  ious / random_ious {method: (L,)}; baselines {name: IoU}."""
+  fig, axes = _grid(1, 1, CURVE_PX)
+  ax = axes[0, 0]
+  depth = len(next(iter(ious.values())))
+  x = np.arange(depth)
+  for i, (method, v) in enumerate(ious.items()):
+    ax.plot(x, v, "o-", color=f"C{i}", label=f"{method}")
+    if random_ious and method in random_ious:
+      ax.plot(x, random_ious[method], "x--", color=f"C{i}", alpha=0.6,
+              label=f"{method} (random init)")
+  for name, value in baselines.items():
+    color, style = BASELINE_STYLES.get(name, ("0.3", "-."))
+    ax.axhline(value, color=color, linestyle=style, linewidth=1, label=name.replace("_", " "))
+  ax.set_xlabel("layer", fontsize=9)
+  ax.set_ylabel("mean IoU with ground truth", fontsize=9)
+  ax.set_xticks(x)
+  ax.set_ylim(0.0, 1.0)
+  ax.tick_params(labelsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2, loc="upper left")
+  if title:
+    ax.set_title(title, fontsize=8)
+  fig.subplots_adjust(left=0.13, right=0.98, bottom=0.14, top=0.9)
+  return _save(fig, path)
+
+
+def overlay_figure(images: np.ndarray, gt: np.ndarray, masks: dict, path: str, *, layer: int,
+                   names=None) -> str:
+  """Rows = images; columns = input with the ground-truth contour, then each method's mask
+  (red) over the image with the ground-truth contour (white). images (B, H, W, 3) in [0, 1];
+  gt (B, H, W) bool; masks {method: bool (B, H, W)} at the image size."""
+  b = images.shape[0]
+  fig, axes = _grid(b, len(masks) + 1)
+  for i in range(b):
+    _image_panel(axes[i, 0], images[i], names[i] if names else ("ground truth" if i == 0 else None))
+    axes[i, 0].contour(gt[i].astype(float), levels=[0.5], colors="c", linewidths=0.8)
+    for j, (method, m) in enumerate(masks.items()):
+      ax = axes[i, j + 1]
+      _image_panel(ax, images[i], f"layer {layer}: {method}" if i == 0 else None)
+      red = np.zeros((*m[i].shape, 4), np.float32)
+      red[..., 0], red[..., 3] = 1.0, 0.45 * m[i]
+      ax.imshow(red, interpolation="nearest")
+      ax.contour(gt[i].astype(float), levels=[0.5], colors="c", linewidths=0.8)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.12 / b, wspace=0.04,
+                      hspace=0.12)
+  return _save(fig, path)
+
+
+def subspaces_figure(stats: dict, random_stats: dict, path: str, *, title: str = "") -> str:
+  """Two panels over the layer index: incoherence max / mean of ||U_k^T U_j||_2 (k != j) and the
+  dictionary's ||D^T D - I||_F / ||I||_F, trained (solid) against random init (dashed)."""
+  depth = len(stats["incoherence_max"])
+  x = np.arange(depth)
+  fig, axes = _grid(1, 2, CURVE_PX)
+  panels = ((axes[0, 0], (("incoherence_max", "max", "C0"), ("incoherence_mean", "mean", "C1")),
+             r"incoherence $\|U_k^T U_j\|_2$, $k \neq j$"),
+            (axes[0, 1], (("dictionary_orthogonality", "D", "C2"),),
+             r"$\|D^T D - I\|_F / \|I\|_F$"))
+  for ax, keys, name in panels:
+    for key, label, color in keys:
+      ax.plot(x, stats[key], "o-", color=color, label=f"{label} (trained)")
+      if key in random_stats:
+        ax.plot(x, random_stats[key], "x--", color=color, alpha=0.6, label=f"{label} (random)")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("layer", fontsize=9)
+    ax.set_xticks(x)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.subplots_adjust(left=0.08, right=0.99, bottom=0.15, top=0.82 if title else 0.9, wspace=0.25)
+  return _save(fig, path)

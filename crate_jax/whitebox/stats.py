@@ -32,9 +32,14 @@ def _unwrap(params):
 def intermediates(model, params, images):
   """(logits, out): the model's `return_intermediates=True` output, which holds
   out["normed"] (L, B, N, d) = LN(Z^l), the input of each layer's MSSA, for the CRATE families
-  (CRATE, CRATE-alpha, the CRATE-MAE classifier); other families have no `normed`.
+  (CRATE, CRATE-alpha, the CRATE-MAE classifier); other families have no `normed`. A model
+  without logits (CRATE-MAE pre-training) is read through its `encode` method: logits None.
   """
-  logits, out = model.apply({"params": _unwrap(params)}, images, return_intermediates=True)
+  variables = {"params": _unwrap(params)}
+  if hasattr(model, "encode"):  # CRATE-MAE: the unmasked encoder
+    _, out = model.apply(variables, images, return_intermediates=True, method="encode")
+    return None, dict(out)
+  logits, out = model.apply(variables, images, return_intermediates=True)
   return logits, dict(out)
 
 

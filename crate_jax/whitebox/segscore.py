@@ -1,0 +1,120 @@
+"""Emergent segmentation, measured: every layer's masks (segment.py) scored by their Jaccard index
+against a ground-truth foreground, per layer, head and method, with trivial baselines.
+
+  masks = layer_masks(out, grid, has_class_token=True)    # {method: bool (L, B, gh, gw)}
+  ious = mask_ious(masks, gt)                              # {method: (L, B)}
+  scalars = segmentation_metrics(model, params, images, gt)  # {"whitebox/seg_iou/layer_00": x}
+
+Features: U^T LN(Z^l) concatenated over heads where the family has them (CRATE, CRATE-alpha,
+CRATE-MAE), else each layer's output (ViT). The attention method reads the class token's row.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crate_jax.models import family
+from crate_jax.whitebox import segment, stats
+
+METHODS = ("attention", "pca", "maskcut")
+
+
+class SegmentationError(ValueError):
+  """A method the model cannot give (attention without a class token), an unknown method."""
+
+
+def check_methods(model, methods) -> tuple[str, ...]:
+  """The methods, checked against METHODS and the model family: one clear error each."""
+  methods = tuple(methods)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise SegmentationError(f"segmentation method(s) {unknown or methods} not among {METHODS}")
+  if "attention" in methods and not family.has_class_token(model):
+    raise SegmentationError(
+        f"the attention method reads the class token's attention, and {type(model).__name__} has "
+        "no class token that its objective reads; use the methods pca,maskcut")
+  return methods
+
+
+def patch_features(model, out) -> jax.Array:
+  """(L, B, n, D) patch features (class token dropped): the subspace features U^T LN(Z^l) over
+  all heads when the family returns them, else each layer's output."""
+  if "features" in out:
+    x = out["features"]
+    x = x.reshape(*x.shape[:3], -1)
+  else:
+    x = family.layer_outputs(model, out)
+  return x[:, :, 1:]
+
+
+def layer_masks(model, out, grid, *, methods=METHODS, share: float = 0.6, tau: float = 0.2,
+                num_objects: int = 1) -> dict[str, jax.Array]:
+  """{method: bool (L, B, gh, gw)} for every layer and image; "attention" adds
+  "attention_heads" (L, B, K, gh, gw); maskcut's mask is the union of its objects. Jittable."""
+  masks = {}
+  if "attention" in methods:
+    heads, merged = jax.vmap(jax.vmap(lambda a: segment.attention_masks(a, grid, share)))(
+        out["attention"])
+    masks["attention"], masks["attention_heads"] = merged, heads
+  if "pca" in methods or "maskcut" in methods:
+    x = patch_features(model, out)
+    if "pca" in methods:
+      masks["pca"] = jax.vmap(jax.vmap(lambda f: segment.pca_mask(f, grid)))(x)
+    if "maskcut" in methods:
+      masks["maskcut"] = jax.vmap(jax.vmap(
+          lambda f: jnp.any(segment.maskcut(f, grid, tau, num_objects), axis=0)))(x)
+  return masks
+
+
+def mask_ious(masks: dict, gt: jax.Array, upsampling: str = "nearest") -> dict[str, jax.Array]:
+  """{name: IoU (..., B) or (L, B, K)} of each patch mask upsampled to gt's size (B, H, W)."""
+  size = gt.shape[-2:]
+  out = {}
+  for name, m in masks.items():
+    pred = segment.upsample_mask(m, size, upsampling)
+    target = gt[:, None] if name == "attention_heads" else gt
+    out[name] = segment.jaccard(pred, target)
+  return out
+
+
+def baselines(gt: np.ndarray) -> dict[str, float]:
+  """Mean IoU of masks that look at nothing: the centred box of the mean foreground area
+  (`segment.centred_box`) and the whole image (all foreground). gt (B, H, W) bool."""
+  gt = np.asarray(gt, bool)
+  box = segment.centred_box(gt.shape[-2:], float(gt.mean()))
+  return {"centred_box": float(np.mean(segment.jaccard(box[None], gt))),
+          "all_foreground": float(np.mean(segment.jaccard(np.ones_like(gt), gt)))}
+
+
+def segmentation_ious(model, params, images, gt, *, methods=METHODS, share: float = 0.6,
+                      tau: float = 0.2, num_objects: int = 1,
+                      upsampling: str = "nearest") -> dict[str, jax.Array]:
+  """{method: per-image IoU (L, B)} (+ "attention_heads" (L, B, K)) of a model on normalised
+  images (B, H, W, 3) against gt (B, H, W) bool. Jittable."""
+  _, out = stats.intermediates(model, params, images)
+  grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+  masks = layer_masks(model, out, grid, methods=methods, share=share, tau=tau,
+                      num_objects=num_objects)
+  return mask_ious(masks, gt, upsampling)
+
+
+def segmentation_metrics(model, params, images, gt, *, methods=None) -> dict[str, jax.Array]:
+  """{"whitebox/seg_iou/layer_00": mean IoU, ...}: the attention method's where the family has a
+  class token, else PCA's; plus "whitebox/seg_iou_<method>/layer_00" for every method. Jittable."""
+  if methods is None:
+    methods = METHODS if family.has_class_token(model) else ("pca", "maskcut")
+  ious = segmentation_ious(model, params, images, gt, methods=methods)
+  main = "attention" if "attention" in methods else methods[0]
+  scalars = {}
+  for name in (main, *methods):
+    prefix = "whitebox/seg_iou" if name == main and not scalars else f"whitebox/seg_iou_{name}"
+    mean = jnp.mean(ious[name], axis=-1)
+    scalars.update({f"{prefix}/layer_{l:02d}": mean[l] for l in range(mean.shape[0])})
+  return scalars
+
+
+def foreground_of_images(images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """The exact ground truth of an image that is its own object (a digit on black): the pixels
+  whose mean over channels exceeds `threshold`; images (B, H, W, C) in [0, 1] -> bool (B, H, W)."""
+  return np.asarray(images, np.float32).mean(axis=-1) > threshold
