@@ -55,7 +55,8 @@ def _cases(tmp):
                            "crate_tiny", "--out", str(tmp / "conv")], {}),
       "bench_unknown_model": (["crate_jax.bench", "--tiny", "--models", "crate_gigantic"], {}),
       **{f"{m}_help": ([f"crate_jax.{m}", "--help"], {})
-         for m in ("train", "evaluate", "analyze", "convert", "bench", "export")},
+         for m in ("train", "evaluate", "analyze", "convert", "bench", "export", "generate",
+                   "plan")},
   }
 
 
@@ -107,7 +108,8 @@ def test_debug_shows_the_traceback(runs, name, error):
   assert error in r.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize("entry", ["train", "evaluate", "analyze", "convert", "bench", "export"])
+@pytest.mark.parametrize("entry", ["train", "evaluate", "analyze", "convert", "bench", "export",
+                                   "generate", "plan"])
 def test_help_exits_0(runs, entry):
   r = runs[0][f"{entry}_help"]
   assert r.returncode == 0, r.stderr[-3000:]
