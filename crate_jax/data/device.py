@@ -12,6 +12,15 @@ import jax
 import numpy as np
 
 
+def process_position(process_index=None, process_count=None) -> tuple[int, int]:
+  """(index, count) of this process among the job's, or the ones given (tests, planning)."""
+  pc = jax.process_count() if process_count is None else int(process_count)
+  pi = jax.process_index() if process_index is None else int(process_index)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index {pi} outside [0, {pc})")
+  return pi, pc
+
+
 def check_batch_size(global_batch_size: int, num_devices: int,
                      process_count: int | None = None) -> int:
   """Per-process batch global_batch_size // process_count; ValueError unless it splits evenly."""

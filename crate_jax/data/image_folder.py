@@ -103,17 +103,13 @@ def check_image(path: str) -> None:
 
 def _builder_class():
   import tensorflow_datasets as tfds
-  from etils import epath
-
-  class _ThisFile:  # as in embedded.py: no importlib_resources lookup for a builder outside tfds
-    def __get__(self, obj, objtype=None):
-      return epath.Path(__file__)
+  from crate_jax.data import embedded
 
   class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A prepared copy of one image folder (encoded bytes kept as they are)."""
 
     name = "image_folder"
-    code_path = _ThisFile()
+    code_path = embedded.BuilderFile(__file__)
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, listing: Listing, **kwargs):

@@ -29,20 +29,12 @@ import tensorflow_datasets as tfds
 
 from crate_jax.data import (datasets, mix, multicrop, preprocess, randaugment, retry, text,
                             text_datasets)
-from crate_jax.data.device import check_batch_size
+from crate_jax.data.device import check_batch_size, process_position as _process
 
 AUTOTUNE = tf.data.AUTOTUNE
 TRAIN_AUGMENTS = ("inception_crop", "resize")
 _SHUFFLE, _FILES, _AUGMENT, _MIX = range(1, 5)  # seed stream tags
 _EVAL_CACHE: collections.OrderedDict = collections.OrderedDict()
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  pc = jax.process_count() if process_count is None else int(process_count)
-  pi = jax.process_index() if process_index is None else int(process_index)
-  if not 0 <= pi < pc:
-    raise ValueError(f"process_index {pi} outside [0, {pc})")
-  return pi, pc
 
 
 def _int_seed(*parts: int) -> int:

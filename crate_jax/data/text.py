@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from crate_jax.data import datasets, text_datasets, tokenizers
-from crate_jax.data.device import check_batch_size
+from crate_jax.data.device import check_batch_size, process_position as _process
 
 _STREAMS: collections.OrderedDict = collections.OrderedDict()
 _EPOCH_TAG = 7
@@ -75,14 +75,6 @@ def token_stream(data_cfg, split: str) -> np.ndarray:
   while len(_STREAMS) > 8:
     _STREAMS.popitem(last=False)
   return stream
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  pc = jax.process_count() if process_count is None else int(process_count)
-  pi = jax.process_index() if process_index is None else int(process_index)
-  if not 0 <= pi < pc:
-    raise ValueError(f"process_index {pi} outside [0, {pc})")
-  return pi, pc
 
 
 def process_split(split: str, pi: int, pc: int, drop_remainder: bool = True) -> str:

@@ -10,7 +10,6 @@ as in DINO (the CRATE classifier's `head` is unused by the loss).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 
