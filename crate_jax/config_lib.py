@@ -25,6 +25,7 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = model
   c.model.scan_layers = False     # one nn.scan over the layers: compile one layer, not depth
+  c.model.mssa_output = "free"    # CRATE: "tied" projects MSSA back with U itself (derivation)
   c.model.drop_path_rate = 0.0    # stochastic depth (CRATE, CRATE-alpha, ViT), linear in depth
   c.model.kwargs = ml_collections.ConfigDict({"patch_size": 16})  # image_size, num_classes: below
   c.compute_dtype = "bfloat16"   # params and optimizer state stay float32

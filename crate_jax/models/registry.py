@@ -43,7 +43,7 @@ def _check(name: str) -> None:
 
 def from_config(config) -> nn.Module:
   """The model a train config describes (crate_jax.config_lib.base_config's keys):
-  config.model.{name, kwargs, scan_layers, drop_path_rate}, compute_dtype, remat (a policy name
+  config.model.{name, kwargs, scan_layers, mssa_output, drop_path_rate}, compute_dtype, remat (a policy name
   or True/False)."""
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
@@ -61,6 +61,11 @@ def from_config(config) -> nn.Module:
     kwargs.setdefault("remat", remat)
   if "scan_layers" in fields and config.model.scan_layers:
     kwargs.setdefault("scan_layers", True)
+  if config.model.mssa_output != "free":
+    if "mssa_output" not in fields:
+      raise ValueError(f"config.model.mssa_output={config.model.mssa_output!r}: model {name!r} "
+                       "has no MSSA output choice (CRATE has)")
+    kwargs.setdefault("mssa_output", config.model.mssa_output)
   if config.model.drop_path_rate:
     if "drop_path_rate" not in fields:
       raise ValueError(f"config.model.drop_path_rate: model {name!r} has no stochastic depth")

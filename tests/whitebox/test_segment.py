@@ -168,3 +168,14 @@ def test_segment_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
   with pytest.raises(analyze.AnalyzeError, match="CRATEMAE has no class token"):
     analyze_segment.segment_analysis(mae, str(tmp_path), out, methods=("attention",))
   assert not os.path.exists(out)
+
+
+def test_mssa_output_from_the_config():
+  """--config.model.mssa_output=tied reaches CRATE; a family without the choice is refused."""
+  from crate_jax import config_lib
+  config = config_lib.base_config(model="crate_tiny")
+  config.model.mssa_output = "tied"
+  assert models.from_config(config).mssa_output == "tied"
+  config.model.name = "vit_tiny"
+  with pytest.raises(ValueError, match="config.model.mssa_output='tied'"):
+    models.from_config(config)
