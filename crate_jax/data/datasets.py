@@ -6,6 +6,7 @@ with a PyPI package (crate_jax.data.embedded), so it is prepared on first use, o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -207,3 +208,40 @@ def num_examples(data_cfg, split: str) -> int:
     from crate_jax.data import text
     return text.num_sequences(data_cfg, split)
   return split_size(get_builder(data_cfg), split)
+
+
+@contextlib.contextmanager
+def file_lock(root: str, name: str):
+  """An exclusive flock on <root>/<name> (local dirs only; a no-op for gs:// and the like)."""
+  if "://" in root:
+    yield
+    return
+  import fcntl
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, name), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_once(make_builder, lock_root: str, lock_name: str):
+  """make_builder() -> a tfds builder, prepared into its data dir once, offline (the offline
+  builders: embedded sets, image folders). Concurrent callers wait on the file lock; in a
+  shared dir that cannot be locked, a failure after another host finished counts as prepared."""
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  import tensorflow_datasets as tfds
+  with file_lock(lock_root, lock_name):
+    builder = make_builder()
+    if not builder.is_prepared():
+      config = tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False)
+      try:
+        builder.download_and_prepare(download_config=config)
+      except Exception:  # noqa: BLE001 - re-raised unless another host prepared it meanwhile
+        if not make_builder().is_prepared():
+          raise
+  return make_builder()

@@ -7,7 +7,6 @@ sha256("embedded_mnist/<row>") and the first 20% go to test, so train = 4,000 an
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -98,35 +97,8 @@ class EmbeddedMnist(tfds.core.GeneratorBasedBuilder):
       yield int(i), {"image": images[i], "label": int(labels[i])}
 
 
-@contextlib.contextmanager
-def _lock(root: str):
-  """An exclusive flock on <root>/embedded_mnist.lock (local dirs only; no-op for gs:// etc.)."""
-  if "://" in root:
-    yield
-    return
-  import fcntl
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f"{NAME}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepared_builder(data_dir: str | None = None) -> EmbeddedMnist:
   """The builder, preparing it into data_dir once (a file lock makes concurrent callers wait)."""
-  builder = EmbeddedMnist(data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  with _lock(str(builder.data_dir_root)):
-    builder = EmbeddedMnist(data_dir=data_dir)
-    if not builder.is_prepared():
-      config = tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False)
-      try:
-        builder.download_and_prepare(download_config=config)
-      except Exception:  # another host may have finished first (shared, unlockable dir)
-        if not EmbeddedMnist(data_dir=data_dir).is_prepared():
-          raise
-  return EmbeddedMnist(data_dir=data_dir)
+  from crate_jax.data import datasets
+  make = lambda: EmbeddedMnist(data_dir=data_dir)
+  return datasets.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")

@@ -19,7 +19,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from crate_jax.data import embedded
+from crate_jax.data import datasets, embedded
 
 NAME = "embedded_shakespeare"
 TEST_FRACTION = 0.05
@@ -112,17 +112,5 @@ class EmbeddedShakespeare(tfds.core.GeneratorBasedBuilder):
 
 def prepared_builder(data_dir: str | None = None) -> EmbeddedShakespeare:
   """The builder, preparing it into data_dir once (a file lock makes concurrent callers wait)."""
-  builder = EmbeddedShakespeare(data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  with embedded._lock(str(builder.data_dir_root)):  # pylint: disable=protected-access
-    builder = EmbeddedShakespeare(data_dir=data_dir)
-    if not builder.is_prepared():
-      config = tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False)
-      try:
-        builder.download_and_prepare(download_config=config)
-      except Exception:  # another host may have finished first
-        if not EmbeddedShakespeare(data_dir=data_dir).is_prepared():
-          raise
-  return EmbeddedShakespeare(data_dir=data_dir)
+  make = lambda: EmbeddedShakespeare(data_dir=data_dir)
+  return datasets.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")

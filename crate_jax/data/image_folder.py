@@ -16,7 +16,6 @@ fatal (never silently skipped): it is named so that it can be fixed or removed.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -141,37 +140,17 @@ def _builder_class():
   return ImageFolder
 
 
-@contextlib.contextmanager
-def _lock(root: str):
-  import fcntl
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "prepare.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepared_builder(root: str):
   """The tfds builder of the folder, checking and preparing it once (later runs reuse it)."""
-  import tensorflow_datasets as tfds
+  from crate_jax.data import datasets
   listing = list_folder(root)
   if not any(listing.files.values()):
     raise ImageFolderError(f"image folder {root!r} has no images")
   cls = _builder_class()
   cache = os.path.join(listing.root, CACHE_DIR)
   data_dir = os.path.join(cache, listing.fingerprint())
-  builder = cls(listing=listing, data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  with _lock(cache):
-    builder = cls(listing=listing, data_dir=data_dir)
-    if not builder.is_prepared():
-      config = tfds.download.DownloadConfig(
-          compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False)
-      builder.download_and_prepare(download_config=config)
-  return cls(listing=listing, data_dir=data_dir)
+  return datasets.prepare_once(lambda: cls(listing=listing, data_dir=data_dir), cache,
+                               "prepare.lock")
 
 
 def class_names(root: str) -> list[str]:
