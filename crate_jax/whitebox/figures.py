@@ -20,6 +20,14 @@ def _grid(rows: int, cols: int, panel_px=(PANEL_PX, PANEL_PX)):
   return fig, axes
 
 
+def _layer_axis(ax, x) -> None:
+  """A per-layer panel's x axis: one tick per layer, light grid."""
+  ax.set_xlabel("layer", fontsize=9)
+  ax.set_xticks(x)
+  ax.tick_params(labelsize=8)
+  ax.grid(alpha=0.3)
+
+
 def _save(fig, path: str) -> str:
   fig.savefig(path, dpi=DPI)
   plt.close(fig)
@@ -111,10 +119,7 @@ def curves_figure(stats: dict, path: str, *, title: str = "") -> str:
   ax.legend(fontsize=7)
   ax.set_title("sparsity of ISTA codes", fontsize=10)
   for ax in axes[0]:
-    ax.set_xlabel("layer", fontsize=9)
-    ax.set_xticks(x)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
+    _layer_axis(ax, x)
   if title:
     fig.suptitle(title, fontsize=10)
   fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.82 if title else 0.9, wspace=0.25)
@@ -141,12 +146,9 @@ def segmentation_figure(ious: dict, baselines: dict, path: str, *, random_ious: 
   for name, value in baselines.items():
     color, style = BASELINE_STYLES.get(name, ("0.3", "-."))
     ax.axhline(value, color=color, linestyle=style, linewidth=1, label=name.replace("_", " "))
-  ax.set_xlabel("layer", fontsize=9)
+  _layer_axis(ax, x)
   ax.set_ylabel("mean IoU with ground truth", fontsize=9)
-  ax.set_xticks(x)
   ax.set_ylim(0.0, 1.0)
-  ax.tick_params(labelsize=8)
-  ax.grid(alpha=0.3)
   ax.legend(fontsize=6, ncol=2, loc="upper left")
   if title:
     ax.set_title(title, fontsize=8)
@@ -192,10 +194,7 @@ def subspaces_figure(stats: dict, random_stats: dict, path: str, *, title: str =
       if key in random_stats:
         ax.plot(x, random_stats[key], "x--", color=color, alpha=0.6, label=f"{label} (random)")
     ax.set_title(name, fontsize=10)
-    ax.set_xlabel("layer", fontsize=9)
-    ax.set_xticks(x)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
+    _layer_axis(ax, x)
     ax.legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
