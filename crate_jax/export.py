@@ -3,7 +3,8 @@
   python -m crate_jax.export --checkpoint workdirs/embedded --to torch --out crate.pth
   python -m crate_jax.export --checkpoint workdirs/embedded --to stablehlo --out crate_hlo
 
---to torch writes the official PyTorch CRATE class's state dict (load it with strict=True);
+--to torch writes the official PyTorch class's state dict (CRATE, CRATE-MAE; CRATE-alpha: its
+PyTorch port), loadable with strict=True;
 --to stablehlo writes DIR/forward.stablehlo (jax.export, any batch size), DIR/meta.json and a
 README.md saying how to call it with jax alone. An existing output is refused; nothing is
 written unless the export succeeds.

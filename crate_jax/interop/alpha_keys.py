@@ -53,11 +53,11 @@ def alpha_key_map(depth: int, heads: int, dim_head: int):
   return m
 
 
-def _check_keys(have, want, what: str):
+def _check_keys(have, want, what: str, arch: str = "CRATE-alpha"):
   missing = [k for k in want if k not in have]
   unexpected = [k for k in have if k not in want]
   if missing or unexpected:
-    raise ValueError(f"{what} does not match the CRATE-alpha architecture: missing keys "
+    raise ValueError(f"{what} does not match the {arch} architecture: missing keys "
                      f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected keys "
                      f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 

@@ -1,7 +1,9 @@
-"""Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
-CRATE-alpha PyTorch port (both by --variant's family) and CRATE-alpha big_vision `.npz` files.
+"""Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, official
+CRATE-MAE (`mae_crate_*`), the CRATE-alpha PyTorch port (each by --variant's family) and
+CRATE-alpha big_vision `.npz` files.
 
-eta and lambda are not stored in PyTorch checkpoints: they are arguments, recorded in the meta.
+eta and lambda are not stored in PyTorch checkpoints: they are arguments (default: the variant's,
+0.1/0.1 for CRATE, 0.1/0.5 for CRATE-MAE), recorded in the meta.
 Every key must be accounted for; any mismatch raises before anything is written, and an existing
 output is never overwritten.
 """
@@ -14,41 +16,57 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import alpha_keys, torch_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 
 def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
-  """num_classes and image_size as stored in the file (head rows, pos-emb rows)."""
+  """num_classes, image_size (head rows, pos-emb rows) and, for CRATE-MAE, the patch size and
+  decoder depth, as stored in the file."""
   sd = torch_keys.unwrap_state_dict(state_dict)
   kwargs = {}
   if "mlp_head.1.weight" in sd:
     kwargs["num_classes"] = int(np.shape(sd["mlp_head.1.weight"])[0])
-  if "pos_embedding" in sd:
-    n = int(np.shape(sd["pos_embedding"])[1]) - 1
-    side = int(round(np.sqrt(n)))
-    patch = models.variant_kwargs(variant).get("patch_size", 16)
-    if side * side == n:
-      kwargs["image_size"] = side * patch
+  patch = models.variant_kwargs(variant).get("patch_size", 16)
+  if "patch_embed.proj.weight" in sd:  # CRATE-MAE
+    patch = kwargs["patch_size"] = int(np.shape(sd["patch_embed.proj.weight"])[-1])
+    kwargs["decoder_depth"] = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+  for key in ("pos_embedding", "decoder_pos_embed"):
+    if key in sd:
+      n = int(np.shape(sd[key])[1]) - 1
+      side = int(round(np.sqrt(n)))
+      if side * side == n:
+        kwargs["image_size"] = side * patch
   return kwargs
 
 
-def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1, lambd: float = 0.1,
-                       **model_kwargs):
-  """(params, model kwargs) for an official CRATE state dict, validated against `variant`."""
-  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, "eta": eta, "lambd": lambd}
+def abstract_params(model):
+  """The model's params as ShapeDtypeStructs (no computation)."""
+  shape = (1, model.image_size, model.image_size, model.channels)
+  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}  # CRATE-MAE draws its mask
+  return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(shape)))["params"]
+
+
+def convert_state_dict(state_dict, variant: str, *, eta: float | None = None,
+                       lambd: float | None = None, **model_kwargs):
+  """(params, model kwargs) for an official state dict (CRATE, CRATE-MAE or the CRATE-alpha port,
+  by `variant`'s family), validated against `variant`. eta/lambd None: the variant's own."""
+  steps = {k: v for k, v in (("eta", eta), ("lambd", lambd)) if v is not None}
+  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, **steps}
   model = models.get(variant, **kwargs)
-  expected = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.image_size, model.image_size, model.channels)))
-  convert_fn = torch_keys.torch_to_flax
+  expected = abstract_params(model)
   if isinstance(model, models.CRATEAlpha):
-    convert_fn = alpha_keys.torch_to_flax
-  elif type(model) is not models.CRATE:
+    params = alpha_keys.torch_to_flax(state_dict, expected, depth=model.depth, heads=model.heads,
+                                      dim_head=model.dim_head)
+  elif isinstance(model, models.CRATEMAE):
+    params = mae_keys.torch_to_flax(state_dict, expected, model=model)
+  elif type(model) is models.CRATE:
+    params = torch_keys.torch_to_flax(state_dict, expected, depth=model.depth, heads=model.heads,
+                                      dim_head=model.dim_head)
+  else:
     raise ValueError(f"--variant {variant}: no PyTorch layout is known for "
-                     f"{type(model).__name__} (CRATE and CRATE-alpha are)")
-  params = convert_fn(state_dict, expected["params"], depth=model.depth, heads=model.heads,
-                      dim_head=model.dim_head)
-  return params, kwargs
+                     f"{type(model).__name__} (CRATE, CRATE-MAE and CRATE-alpha are)")
+  return params, {**kwargs, "eta": model.eta, "lambd": model.lambd}
 
 
 def convert_npz(arrays, variant: str, **model_kwargs):
@@ -62,13 +80,12 @@ def convert_npz(arrays, variant: str, **model_kwargs):
     if int(round(np.sqrt(n))) ** 2 == n:
       kwargs["image_size"] = int(round(np.sqrt(n))) * patch
   kwargs.update(model_kwargs)
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
   model = models.get(variant, **kwargs)
   if not isinstance(model, models.CRATEAlpha):
     raise ValueError(f"--npz holds big_vision CRATE-alpha weights but --variant {variant} is a "
                      f"{type(model).__name__}; use a crate_alpha_* variant")
-  expected = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, model.image_size, model.image_size, model.channels)))
-  return alpha_keys.npz_to_flax(flat, expected["params"]), kwargs
+  return alpha_keys.npz_to_flax(flat, abstract_params(model)), kwargs
 
 
 def load_npz(path: str) -> dict:
@@ -94,8 +111,8 @@ def load_torch(path: str):
     raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from e
 
 
-def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1, lambd: float = 0.1,
-            **model_kwargs) -> str:
+def convert(torch_path: str, variant: str, out: str, *, eta: float | None = None,
+            lambd: float | None = None, **model_kwargs) -> str:
   """Convert and write; returns the checkpoint step directory."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out {out!r} exists and is not empty; refusing to overwrite it")
