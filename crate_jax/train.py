@@ -302,15 +302,33 @@ def _whitebox_hook(config, p):
   inputs = batch["tokens"] if "tokens" in batch else batch["image"]  # the text tasks' tokens
   n = min(32, int(np.sum(batch["mask"])))
   images = jnp.asarray(inputs[:n])
-  gt = jnp.asarray(batch["foreground"][:n].astype(bool)) if masks else None
+  if not masks:
+    fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, images))
+    return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
 
-  def metrics(params):
-    out = whitebox.whitebox_metrics(p.model, params, images)
-    if masks:
-      out.update(segscore.segmentation_metrics(p.model, params, images, gt))
-    return out
-  fn = jax.jit(metrics)
-  return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
+  # Two programs: the sharded one computes the metrics and the (small) mask inputs; these are
+  # gathered to the host and the masks, whose eigensolves call back to numpy, are scored in a
+  # single-device program (a host callback inside the sharded program aborted XLA:CPU).
+  from jax.experimental import multihost_utils
+  from crate_jax.whitebox import stats
+  methods = segscore.default_methods(p.model)
+  grid = (images.shape[1] // p.model.patch_size, images.shape[2] // p.model.patch_size)
+  gt = np.asarray(batch["foreground"][:n]).astype(bool)
+
+  def sharded(params):
+    _, out = stats.intermediates(p.model, params, images)
+    return (whitebox.whitebox_metrics(p.model, params, images),
+            segscore.segmentation_inputs(p.model, out, methods))
+  first = jax.jit(sharded)
+  score = jax.jit(lambda inputs: segscore.segmentation_scalars(p.model, inputs, gt, grid,
+                                                               methods=methods))
+
+  def hook(params):
+    out, inputs = first(params)
+    inputs = multihost_utils.process_allgather(inputs, tiled=True)
+    out = {**jax.device_get(out), **jax.device_get(score(inputs))}
+    return {k: float(v) for k, v in out.items()}
+  return hook
 
 
 def _quiet_orbax_info(record) -> bool:

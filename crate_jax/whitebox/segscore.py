@@ -39,7 +39,10 @@ def check_methods(model, methods) -> tuple[str, ...]:
 
 def patch_features(model, out) -> jax.Array:
   """(L, B, n, D) patch features (class token dropped): the subspace features U^T LN(Z^l) over
-  all heads when the family returns them, else each layer's output."""
+  all heads when the family returns them, else each layer's output (already extracted where
+  `out` is `segmentation_inputs`' output)."""
+  if "patch_features" in out:
+    return out["patch_features"]
   if "features" in out:
     x = out["features"]
     x = x.reshape(*x.shape[:3], -1)
@@ -99,12 +102,36 @@ def segmentation_ious(model, params, images, gt, *, methods=METHODS, share: floa
   return mask_ious(masks, gt, upsampling)
 
 
+def default_methods(model) -> tuple[str, ...]:
+  return METHODS if family.has_class_token(model) else ("pca", "maskcut")
+
+
+def segmentation_inputs(model, out, methods) -> dict[str, jax.Array]:
+  """What `layer_masks` reads of the intermediates `out`, and no more: the class token's attention
+  row (L, B, K, 1, N) and the patch features (L, B, n, D). Small enough to gather to one host."""
+  inputs = {}
+  if "attention" in methods:
+    inputs["attention"] = out["attention"][..., :1, :]
+  if "pca" in methods or "maskcut" in methods:
+    inputs["patch_features"] = patch_features(model, out)
+  return inputs
+
+
 def segmentation_metrics(model, params, images, gt, *, methods=None) -> dict[str, jax.Array]:
   """{"whitebox/seg_iou/layer_00": mean IoU, ...}: the attention method's where the family has a
-  class token, else PCA's; plus "whitebox/seg_iou_<method>/layer_00" for every method. Jittable."""
-  if methods is None:
-    methods = METHODS if family.has_class_token(model) else ("pca", "maskcut")
-  ious = segmentation_ious(model, params, images, gt, methods=methods)
+  class token, else PCA's; plus "whitebox/seg_iou_<method>/layer_00" for every method. Jittable
+  on one device; sharded programs split it (`segmentation_inputs`, then `segmentation_scalars`)."""
+  methods = default_methods(model) if methods is None else methods
+  _, out = stats.intermediates(model, params, images)
+  grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+  return segmentation_scalars(model, segmentation_inputs(model, out, methods), gt, grid,
+                              methods=methods)
+
+
+def segmentation_scalars(model, inputs, gt, grid, *, methods) -> dict[str, jax.Array]:
+  """`segmentation_metrics` from `segmentation_inputs`' output. The masks solve eigenproblems on
+  the host (segment.eigh): run this in a single-device program, never inside a sharded one."""
+  ious = mask_ious(layer_masks(model, inputs, grid, methods=methods), gt)
   main = "attention" if "attention" in methods else methods[0]
   scalars = {}
   for name in (main, *methods):

@@ -21,8 +21,10 @@ def data_dir(tmp_path_factory):
 
 
 def test_learns_on_embedded_dataset(tmp_path, data_dir):
+  """Learning, and the white-box hook every 40 steps: per-layer coding rate and sparsity and,
+  the digits having ground truth (their own pixels), the segmentation IoU of every layer."""
   cfg = tiny_config(data_dir, num_train_steps=80, log_every_steps=10, eval_every_steps=80,
-                    **{"optimizer.lr": 3e-3})
+                    whitebox_every_steps=40, **{"optimizer.lr": 3e-3})
   result = train.train_and_evaluate(cfg, str(tmp_path))
   log = losses(str(tmp_path))
   assert log[80] < 0.6 * log[10], log
@@ -30,6 +32,13 @@ def test_learns_on_embedded_dataset(tmp_path, data_dir):
   assert result["top5"] > result["top1"]
   assert os.path.exists(tmp_path / "config.json")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  hooked = {r["step"]: r for r in rows if "whitebox/seg_iou/layer_00" in r}
+  assert sorted(hooked) == [40, 80], sorted(hooked)
+  for row in hooked.values():
+    ious = [row.get(f"whitebox/seg_iou/layer_{l:02d}") for l in range(2)]
+    assert all(v is not None and 0.0 < v <= 1.0 for v in ious), row  # attention method
+    assert "whitebox/seg_iou_pca/layer_01" in row and "whitebox/layer_01/sparsity" in row
 
 
 def test_sigterm_saves_and_exits_cleanly_in_a_relative_workdir(tmp_path, data_dir, monkeypatch):
