@@ -19,9 +19,14 @@ from crate_jax.models import posemb
 Dtype = Any
 
 
+def padding_mask(key_mask: jax.Array) -> jax.Array:
+  """(B, N) keep-flags -> the (B, 1, 1, N) attention mask `layers.attention` broadcasts."""
+  return key_mask[:, None, None, :]
+
+
 def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
          return_weights: bool = False, implementation: str | None = None,
-         causal: bool = False, memory=None):
+         causal: bool = False, memory=None, key_mask: jax.Array | None = None):
   """MSSA(z) = concat_k[softmax(w_k w_k^T / sqrt(p)) w_k] W_out + b_out, with w_k = z U_k.
 
   z: (B, N, d) already normalised; U: (d, K, p); w_out: (K, p, d); b_out: (d,).
@@ -29,10 +34,13 @@ def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
   features attended to instead of w itself (a key-value cache: with q = k = v one array serves as
   both keys and values). Returns (output, w, attention weights or None), w = U^T z being the
   subspace features. The derivation's tied output is w_out = U^T (jnp.moveaxis(U, 0, -1)),
-  b_out = 0: sum_k U_k softmax(.) w_k.
+  b_out = 0: sum_k U_k softmax(.) w_k. key_mask (B, N) bool: False keys (padding) are never
+  attended to.
   """
   w = jnp.einsum("bnd,dhp->bnhp", z, U)
   keys, mask = (w, None) if memory is None else memory(w)
+  if key_mask is not None:
+    mask = padding_mask(key_mask) if mask is None else jnp.logical_and(mask, padding_mask(key_mask))
   heads_out, weights = L.attention(w, keys, keys, return_weights=return_weights,
                                    implementation=implementation, causal=causal, mask=mask)
   out = jnp.einsum("bnhp,hpd->bnd", heads_out, w_out) + b_out
@@ -108,7 +116,7 @@ class MSSA(nn.Module, kw_only=True):
   output: str = "free"
 
   @nn.compact
-  def __call__(self, z, return_weights: bool = False):
+  def __call__(self, z, return_weights: bool = False, key_mask=None):
     d, inner = self.dim, self.heads * self.dim_head
     if self.output not in MSSA_OUTPUTS:
       raise ValueError(f"mssa_output={self.output!r} is not one of {MSSA_OUTPUTS}")
@@ -128,7 +136,7 @@ class MSSA(nn.Module, kw_only=True):
     memory = (lambda w: cached_features(self, w)) if self.decode else None
     return mssa(z, U, w_out, b_out, return_weights=return_weights,
                 implementation=self.attention_impl, causal=self.causal and not self.decode,
-                memory=memory)
+                memory=memory, key_mask=key_mask)
 
 
 class ISTA(nn.Module, kw_only=True):
@@ -163,15 +171,16 @@ class CRATELayer(nn.Module, kw_only=True):
   decode: bool = False            # MSSA through a key-value cache (generation)
 
   @nn.compact
-  def __call__(self, z, drop_rate=None):
-    """drop_rate: stochastic depth of the MSSA residual branch (ISTA has no residual to drop)."""
+  def __call__(self, z, drop_rate=None, key_mask=None):
+    """drop_rate: stochastic depth of the MSSA residual branch (ISTA has no residual to drop);
+    key_mask (B, N): False at padding tokens, which no token attends to."""
     z = L.batch_split(z)
     normed = L.layer_norm("norm_mssa", self.dtype)(z)
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, init=self.mssa_init, causal=self.causal,
         decode=self.decode, output=self.mssa_output, name="mssa")(
-            normed, return_weights=self.return_weights)
+            normed, return_weights=self.return_weights, key_mask=key_mask)
     if self.dropout > 0:
       attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)
     if drop_rate is not None and not self.deterministic:

@@ -128,9 +128,10 @@ class TextModel(nn.Module, kw_only=True):
     x = jnp.take(emb, tokens, axis=0) + pos[None]
     return x.astype(self.dtype), emb
 
-  def run_layers(self, z, *, train: bool, collect: bool):
+  def run_layers(self, z, *, train: bool, collect: bool, key_mask=None):
     common = dict(depth=self.depth, name="layer_{i}", remat=self.remat, scan=self.scan_layers,
                   collect=collect, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                  key_mask=key_mask,
                   attention_impl=self.attention_impl, return_weights=collect,
                   dropout=self.dropout, deterministic=not train, causal=self.causal)
     if self.block == "crate":
@@ -151,7 +152,10 @@ class TextModel(nn.Module, kw_only=True):
     z, emb = self.embed(tokens)
     if self.emb_dropout > 0:
       z = nn.Dropout(rate=self.emb_dropout)(z, deterministic=not train)
-    z, out = self.run_layers(z, train=train, collect=return_intermediates)
+    # A sequence classifier reads padded batches: no token attends to a pad (ours; the LM
+    # tasks read packed sequences without padding).
+    key_mask = tokens != self.pad_id if self.num_classes > 0 else None
+    z, out = self.run_layers(z, train=train, collect=return_intermediates, key_mask=key_mask)
     normed = L.layer_norm("final_norm", self.dtype)(z)
     if self.num_classes > 0:
       return self.classify(normed, tokens, out if return_intermediates else None, z)
@@ -169,7 +173,8 @@ class TextModel(nn.Module, kw_only=True):
   def classify(self, normed, tokens, out, z):
     """Sequence classification (ours): the mean of LN(Z^L) over the non-pad tokens, then a
     linear classifier "classifier" -> (B, num_classes). The warm start from a CRATE-BERT
-    checkpoint loads everything else (`init_from`); pad tokens are still attended to."""
+    checkpoint loads everything else (`init_from`); no token attends to a pad token, so the
+    logits do not depend on how much padding follows the text."""
     keep = (tokens != self.pad_id).astype(normed.dtype)[..., None]
     pooled = (normed * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
     logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,

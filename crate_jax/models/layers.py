@@ -210,7 +210,7 @@ def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
 
 def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool | str = False,
                 scan: bool = False, collect: bool = False, drop_path_rate: float = 0.0,
-                **layer_kwargs):
+                key_mask: jax.Array | None = None, **layer_kwargs):
   """Z^{l+1}, inter_l = f_l(Z^l) for l < depth, f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
 
   Call it inside the parent's compact method; the one place that runs a family's layers. Every
@@ -218,22 +218,34 @@ def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool |
   else None. remat takes a policy (`remat_policy`). scan=True runs one nn.scan over the layers:
   one layer is compiled instead of `depth`, its parameters stacked on a leading layer axis under
   `scanned_name(name)` (convert checkpoints with models.scan_layout). With drop_path_rate > 0 a
-  layer l is called as f_l(Z, drop_rate_l) (stochastic depth, `drop_path_rates`).
+  layer l is called as f_l(Z, drop_rate_l) (stochastic depth, `drop_path_rates`). key_mask
+  (B, N) bool, False at padding: every layer is called as f_l(Z, drop_rate_l, key_mask) and no
+  token attends to a padding key.
   Returns (Z^depth, stacked intermediates or None).
   """
   on, policy = remat_policy(remat)
   cls = nn.remat(layer_cls, policy=policy, prevent_cse=not scan) if on else layer_cls
   rates = drop_path_rates(drop_path_rate, depth) if drop_path_rate > 0 else None
   if scan:
+    args, in_axes = (), ()
+    if rates is not None or key_mask is not None:
+      args, in_axes = (None if rates is None else jnp.asarray(rates),), (
+          nn.broadcast if rates is None else 0,)
+    if key_mask is not None:
+      args, in_axes = args + (key_mask,), in_axes + (nn.broadcast,)
     stack = nn.scan(cls, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=0, length=depth)(**layer_kwargs, name=scanned_name(name))
-    x, inter = stack(x) if rates is None else stack(x, jnp.asarray(rates))
+                    in_axes=in_axes or 0, length=depth)(**layer_kwargs, name=scanned_name(name))
+    x, inter = stack(x, *args)
     return x, (inter if collect else None)
   per_layer = []
   for i in range(depth):
     layer = cls(**layer_kwargs, name=name.format(i=i))
-    x, inter = layer(x) if rates is None else layer(x, float(rates[i]))
+    rate = None if rates is None else float(rates[i])
+    if key_mask is not None:
+      x, inter = layer(x, rate, key_mask)
+    else:
+      x, inter = layer(x) if rates is None else layer(x, rate)
     per_layer.append(inter)
   return x, (stack_layers(per_layer) if collect else None)
 

@@ -34,12 +34,13 @@ class MHSA(nn.Module, kw_only=True):
   causal: bool = False            # token i attends to j <= i (the GPT baseline)
 
   @nn.compact
-  def __call__(self, x, return_weights: bool = False):
+  def __call__(self, x, return_weights: bool = False, key_mask=None):
     d = x.shape[-1]
     qkv = _dense(features=(3, self.heads, self.dim_head), dtype=self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    mask = None if key_mask is None else key_mask[:, None, None, :]
     out, weights = L.attention(q, k, v, return_weights=return_weights,
-                               implementation=self.attention_impl, causal=self.causal)
+                               implementation=self.attention_impl, causal=self.causal, mask=mask)
     return _dense(features=d, dtype=self.dtype, name="proj", axis=(-2, -1))(out), weights
 
 
@@ -69,8 +70,9 @@ class ViTBlock(nn.Module, kw_only=True):
   causal: bool = False            # causal self-attention (the GPT baseline)
 
   @nn.compact
-  def __call__(self, x, drop_rate=None):
-    """drop_rate: stochastic depth of both residual branches (timm's DropPath)."""
+  def __call__(self, x, drop_rate=None, key_mask=None):
+    """drop_rate: stochastic depth of both residual branches (timm's DropPath); key_mask (B, N):
+    False at padding tokens, which no token attends to."""
     def branch(y):
       if self.dropout > 0:
         y = nn.Dropout(rate=self.dropout)(y, deterministic=self.deterministic)
@@ -80,7 +82,8 @@ class ViTBlock(nn.Module, kw_only=True):
     x = L.batch_split(x)
     attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
                          attention_impl=self.attention_impl, causal=self.causal, name="attn")(
-        L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights)
+        L.layer_norm("norm1", self.dtype, VIT_LN_EPS)(x), return_weights=self.return_weights,
+        key_mask=key_mask)
     x = L.batch_split(x + branch(attn))
     x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(
         L.layer_norm("norm2", self.dtype, VIT_LN_EPS)(x)))
