@@ -64,7 +64,10 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.data.prefetch = 2             # batches prefetched to device
   # Text datasets (tasks lm / mlm; crate_jax.data.text): packed sequences of seq_len tokens.
   c.data.seq_len = 128
-  c.data.tokenizer = "byte"       # crate_jax.data.tokenizers.TOKENIZERS
+  c.data.tokenizer = "byte"       # crate_jax.data.tokenizers.TOKENIZERS: "byte" or "bpe"
+  c.data.bpe_vocab_size = 4096    # "bpe": ordinary tokens (eos, mask, pad follow)
+  c.data.bpe_train_chars = 5_000_000  # "bpe": trained on this much of the training split
+  c.data.tokenizer_dir = ""       # "bpe": where tokenizer.json is (the loop sets the workdir)
   c.mlm_probability = 0.15        # task mlm: share of positions BERT-masked (80/10/10)
   c.data.read_retries = 5         # transient read errors (e.g. GCS): retries in a row, then
                                   # DataReadError; a batch read resets the count
@@ -271,9 +274,16 @@ def _validate_text(config, need) -> None:
   need(0.0 < config.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
   from crate_jax import models
   model = models.from_config(config)
-  vocab = tokenizers.get(config.data.tokenizer).vocab_size
+  if config.data.tokenizer == "bpe":
+    need(config.data.bpe_vocab_size >= 256, "data.bpe_vocab_size",
+         "must be >= 256 (the byte symbols every byte-level BPE starts from)")
+  vocab = tokenizers.vocab_size(config.data)
   need(getattr(model, "vocab_size", 0) >= vocab, "model.kwargs.vocab_size",
        f"must be >= the {config.data.tokenizer} tokenizer's {vocab} ids (a text model)")
+  if classifying:
+    need(model.pad_id == tokenizers.pad_id(config.data), "model.kwargs.pad_id",
+         f"must be the {config.data.tokenizer} tokenizer's pad id "
+         f"{tokenizers.pad_id(config.data)} (the classifier masks and skips those tokens)")
   need(config.data.seq_len <= model.max_len, "data.seq_len",
        f"is longer than the model's position table max_len={model.max_len}")
 

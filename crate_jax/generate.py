@@ -11,6 +11,7 @@ costs one position. Sampling: softmax(logits / temperature) over the top_k most 
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -116,7 +117,22 @@ def load(checkpoint: str):
   if not getattr(models.from_config(config), "causal", False):
     raise ValueError(f"checkpoint {checkpoint} holds a bidirectional (BERT-style) model; "
                      "generation needs a causal one (task lm)")
+  if config.data.get("tokenizer") == "bpe":
+    with config.unlocked():
+      config.data.tokenizer_dir = _tokenizer_dir(checkpoint, config.data.tokenizer_dir)
   return models.from_config(config), params, config
+
+
+def _tokenizer_dir(checkpoint: str, saved: str) -> str:
+  """Where a BPE run's tokenizer.json is: the workdir holding the checkpoint (the run may have
+  moved since), else the directory its config names."""
+  from crate_jax.data import tokenizers
+  path = os.path.abspath(checkpoint)
+  for _ in range(4):  # WORKDIR / checkpoints / STEP
+    if os.path.isfile(os.path.join(path, tokenizers.TOKENIZER_FILE)):
+      return path
+    path = os.path.dirname(path)
+  return saved
 
 
 @cli.command
@@ -136,7 +152,7 @@ def main(argv=None) -> int:
     raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   from crate_jax.data import tokenizers
   model, params, config = load(args.checkpoint)
-  tok = tokenizers.get(config.data.tokenizer)
+  tok = tokenizers.from_config(config.data)
   ids = generate(model, params, tok.encode(args.prompt), max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                  use_cache=not args.no_cache)

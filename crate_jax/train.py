@@ -130,12 +130,35 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
+def _run_tokenizer(config, workdir: str):
+  """A BPE text run keeps its tokenizer with the run: WORKDIR/tokenizer.json, copied from
+  config.data.tokenizer_dir when that names another run's (a fine-tune keeps its pre-training's
+  ids), else trained on the training split once; resumes read it back. Returns the config with
+  data.tokenizer_dir = the workdir. Other runs: the config unchanged."""
+  if not (config_lib.reads_text(config) and config.data.tokenizer == "bpe"):
+    return config
+  config_lib.validate(config)  # bad input fails before the tokenizer is trained
+  from crate_jax.data import text, tokenizers
+  target = epath.Path(workdir).absolute()
+  source = config.data.tokenizer_dir
+  if source and epath.Path(source).absolute() != target:
+    tok = tokenizers.from_config(config.data)  # one error if the named run has none
+    if not (target / tokenizers.TOKENIZER_FILE).exists():
+      tok.save(os.fspath(target))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.tokenizer_dir = os.fspath(target)
+  logging.info("BPE tokenizer: %s", text.ensure_tokenizer(config.data))
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        callbacks=()) -> dict:
   """Train (or resume) in `workdir`; returns the final eval metrics.
 
   `callbacks` are called as cb(step, state) after every step (e.g. custom logging).
   """
+  config = _run_tokenizer(config, workdir)
   p = plan(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   workdir_lock = lock_lib.acquire(workdir)  # one trainer per workdir (process 0 holds it)

@@ -22,6 +22,7 @@ e of a process is a permutation of its examples seeded by (seed, process, proces
 from __future__ import annotations
 
 import collections
+import os
 from typing import Iterator
 
 import jax
@@ -57,24 +58,75 @@ def get_builder(data_cfg):
 def token_stream(data_cfg, split: str) -> np.ndarray:
   """The split's documents tokenized and concatenated, eos after each: int32 (n,)."""
   builder = get_builder(data_cfg)
-  key = (str(builder.data_dir), str(split), data_cfg.tokenizer)
+  key = (str(builder.data_dir), str(split), _tokenizer_key(data_cfg))
   if key in _STREAMS:
     _STREAMS.move_to_end(key)
     return _STREAMS[key]
-  tok = tokenizers.get(data_cfg.tokenizer)
-  text_key = text_datasets.spec(data_cfg.name).text_key
-  datasets.split_size(builder, split)  # an unknown split: one error naming the available ones
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  tok = tokenizers.from_config(data_cfg)
   eos = np.asarray([tok.eos_id], np.int32)
   parts = []
-  for ex in ds.as_numpy_iterator():
-    parts.append(tok.encode(ex[text_key].decode("utf-8")))
+  for doc in documents(data_cfg, split):
+    parts.append(tok.encode(doc))
     parts.append(eos)
   stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
   _STREAMS[key] = stream
   while len(_STREAMS) > 8:
     _STREAMS.popitem(last=False)
   return stream
+
+
+def _tokenizer_key(data_cfg) -> tuple:
+  return (data_cfg.tokenizer, data_cfg.get("tokenizer_dir", ""),
+          int(data_cfg.get("bpe_vocab_size", 0)))
+
+
+def documents(data_cfg, split: str):
+  """The split's documents (str) in file order (a text dataset: its text_key)."""
+  builder = get_builder(data_cfg)
+  text_key = text_datasets.spec(data_cfg.name).text_key
+  datasets.split_size(builder, split)  # an unknown split: one error naming the available ones
+  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+    yield ex[text_key].decode("utf-8")
+
+
+def ensure_tokenizer(data_cfg) -> str | None:
+  """config.data.tokenizer="bpe": the run's DIR/tokenizer.json (DIR = config.data.tokenizer_dir),
+  trained on the first config.data.bpe_train_chars characters of the training split's documents
+  if it is not there yet (a resumed run reads the saved one: the ids never change). Returns its
+  path; None for tokenizers without a file. A classification dataset trains on its text fields."""
+  if data_cfg.tokenizer != "bpe":
+    return None
+  from etils import epath
+  directory = data_cfg.get("tokenizer_dir") or ""
+  if not directory:
+    raise tokenizers.TokenizerError("config.data.tokenizer='bpe' needs config.data.tokenizer_dir "
+                                     "(the training loop sets it to the workdir)")
+  path = epath.Path(directory) / tokenizers.TOKENIZER_FILE
+  if path.exists():
+    return os.fspath(path)
+  budget = int(data_cfg.bpe_train_chars)
+
+  def sample():
+    used = 0
+    for doc in _training_texts(data_cfg):
+      if used >= budget:
+        return
+      doc = doc[:budget - used]
+      used += len(doc)
+      yield doc
+  tok = tokenizers.train_bpe(sample(), int(data_cfg.bpe_vocab_size))
+  return tok.save(directory)
+
+
+def _training_texts(data_cfg):
+  split = data_cfg.train_split
+  if not text_datasets.is_classification(data_cfg.name):
+    yield from documents(data_cfg, split)
+    return
+  builder = get_builder(data_cfg)
+  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+    for k in text_datasets.spec(data_cfg.name).text_keys:
+      yield ex[k].decode("utf-8")
 
 
 def process_split(split: str, pi: int, pc: int, drop_remainder: bool = True) -> str:
@@ -94,10 +146,10 @@ def labelled_examples(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(tokens int32 (n, seq_len) padded with pad_id, labels int32 (n,)) of a classification split."""
   builder = get_builder(data_cfg)
   seq_len = int(data_cfg.seq_len)
-  key = ("classification", str(builder.data_dir), str(split), data_cfg.tokenizer, seq_len)
+  key = ("classification", str(builder.data_dir), str(split), _tokenizer_key(data_cfg), seq_len)
   if key in _STREAMS:
     return _STREAMS[key]
-  tok = tokenizers.get(data_cfg.tokenizer)
+  tok = tokenizers.from_config(data_cfg)
   info = text_datasets.spec(data_cfg.name)
   datasets.split_size(builder, split)
   rows, labels = [], []
@@ -139,7 +191,7 @@ def _classification_eval(data_cfg, local, split, pi, pc):
   mine = np.array_split(np.arange(len(labels)), pc)[pi]
   num_batches = -(-(-(-len(labels) // pc)) // local)
   classes = int(data_cfg.num_classes)
-  pad = tokenizers.get(data_cfg.tokenizer).pad_id
+  pad = tokenizers.pad_id(data_cfg)
   for i in range(num_batches):
     idx = mine[i * local:(i + 1) * local]
     batch_tokens = np.full((local, tokens.shape[1]), pad, np.int32)

@@ -46,7 +46,7 @@ def spec_from_config(config) -> TextSpec | None:
   if config.task not in TEXT_TASKS:
     return None
   from crate_jax.data import tokenizers
-  return TextSpec.from_tokenizer(tokenizers.get(config.data.tokenizer), config.mlm_probability)
+  return TextSpec.from_tokenizer(tokenizers.from_config(config.data), config.mlm_probability)
 
 
 def mlm_corrupt(tokens: jax.Array, rng: jax.Array, spec: TextSpec):
