@@ -11,7 +11,6 @@ costs one position. Sampling: softmax(logits / temperature) over the top_k most 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -118,21 +117,10 @@ def load(checkpoint: str):
     raise ValueError(f"checkpoint {checkpoint} holds a bidirectional (BERT-style) model; "
                      "generation needs a causal one (task lm)")
   if config.data.get("tokenizer") == "bpe":
+    from crate_jax.data import tokenizers
     with config.unlocked():
-      config.data.tokenizer_dir = _tokenizer_dir(checkpoint, config.data.tokenizer_dir)
+      config.data.tokenizer_dir = tokenizers.run_directory(checkpoint, config.data.tokenizer_dir)
   return models.from_config(config), params, config
-
-
-def _tokenizer_dir(checkpoint: str, saved: str) -> str:
-  """Where a BPE run's tokenizer.json is: the workdir holding the checkpoint (the run may have
-  moved since), else the directory its config names."""
-  from crate_jax.data import tokenizers
-  path = os.path.abspath(checkpoint)
-  for _ in range(4):  # WORKDIR / checkpoints / STEP
-    if os.path.isfile(os.path.join(path, tokenizers.TOKENIZER_FILE)):
-      return path
-    path = os.path.dirname(path)
-  return saved
 
 
 @cli.command

@@ -160,6 +160,17 @@ def load_bpe(directory: str, num_normal: int) -> BPETokenizer:
   return BPETokenizer(hf, num_normal)
 
 
+def run_directory(checkpoint: str, saved: str = "") -> str:
+  """Where a BPE run's tokenizer.json is: the run folder holding `checkpoint` (WORKDIR, or above
+  WORKDIR/checkpoints/STEP; the run may have moved since), else `saved`."""
+  path = os.path.abspath(checkpoint)
+  for _ in range(4):
+    if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+      return path
+    path = os.path.dirname(path)
+  return saved
+
+
 def get(name: str, directory: str | None = None, bpe_vocab_size: int = 0):
   """The tokenizer config.data.tokenizer names (a BPE one: loaded from DIR/tokenizer.json);
   unknown names: one TokenizerError naming the key."""

@@ -77,6 +77,16 @@ def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(bpe_run):
   np.testing.assert_array_equal(stream[:50], tok.encode(first_doc)[:50])
 
 
+def test_evaluate_reads_the_runs_tokenizer(bpe_run):
+  """evaluate with the config file alone (no tokenizer_dir) finds tokenizer.json beside the
+  checkpoint and reproduces the loop's final eval."""
+  from crate_jax import evaluate
+  cfg, workdir, _, result = bpe_run
+  assert not cfg.data.tokenizer_dir
+  again = evaluate.evaluate_checkpoint(cfg, workdir)
+  np.testing.assert_allclose(again["loss"], result["loss"], rtol=1e-5)
+
+
 def test_generate_reads_the_runs_tokenizer_after_the_run_moved(bpe_run, tmp_path, capsys):
   from crate_jax import generate
   _, workdir, _, _ = bpe_run
