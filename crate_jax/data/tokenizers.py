@@ -39,11 +39,9 @@ def _decode_docs(ids, eos_id: int, num_normal: int, to_text) -> str:
   return "\n".join(to_text(p) for p in parts)
 
 
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-  """UTF-8 bytes as tokens: id = byte value (0..255); 256 eos, 257 mask, 258 pad."""
-  name: str = "byte"
-  num_normal: int = 256
+class SpecialIds:
+  """The specials after the num_normal ordinary ids: eos, mask, pad; vocab_size counts all."""
+  num_normal: int
 
   @property
   def eos_id(self) -> int:
@@ -59,7 +57,14 @@ class ByteTokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return self.num_normal + 3
+    return self.num_normal + NUM_SPECIAL
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer(SpecialIds):
+  """UTF-8 bytes as tokens: id = byte value (0..255); 256 eos, 257 mask, 258 pad."""
+  name: str = "byte"
+  num_normal: int = 256
 
   @property
   def token_bytes(self) -> np.ndarray:
@@ -79,7 +84,7 @@ class ByteTokenizer:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BPETokenizer:
+class BPETokenizer(SpecialIds):
   """Byte-level BPE (the `tokenizers` library): the text's UTF-8 bytes are mapped to 256 symbols
   and merged by learned rules, so any text encodes and a token stands for len(its symbols) bytes.
   Ordinary ids: the trained vocabulary's (up to num_normal = config.data.bpe_vocab_size; a small
@@ -87,22 +92,6 @@ class BPETokenizer:
   hf: Any
   num_normal: int
   name: str = "bpe"
-
-  @property
-  def eos_id(self) -> int:
-    return self.num_normal
-
-  @property
-  def mask_id(self) -> int:
-    return self.num_normal + 1
-
-  @property
-  def pad_id(self) -> int:
-    return self.num_normal + 2
-
-  @property
-  def vocab_size(self) -> int:
-    return self.num_normal + NUM_SPECIAL
 
   @property
   def token_bytes(self) -> np.ndarray:
