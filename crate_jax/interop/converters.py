@@ -1,12 +1,15 @@
 """Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
-CRATE-alpha PyTorch port (both by --variant's family) and CRATE-alpha big_vision `.npz` files.
+CRATE-alpha PyTorch port, official PyTorch CRATE-MAE (`crate_ae`) (all by --variant's family) and
+CRATE-alpha big_vision `.npz` files.
 
-eta and lambda are not stored in PyTorch checkpoints: they are arguments, recorded in the meta.
+eta and lambda are not stored in PyTorch checkpoints: they are arguments (lambda defaults to the
+family's: 0.1 for CRATE and CRATE-alpha, 0.5 for CRATE-MAE), recorded in the meta.
 Every key must be accounted for; any mismatch raises before anything is written, and an existing
 output is never overwritten.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import jax
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import alpha_keys, torch_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 
@@ -24,8 +27,9 @@ def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
   kwargs = {}
   if "mlp_head.1.weight" in sd:
     kwargs["num_classes"] = int(np.shape(sd["mlp_head.1.weight"])[0])
-  if "pos_embedding" in sd:
-    n = int(np.shape(sd["pos_embedding"])[1]) - 1
+  pos = next((k for k in ("pos_embedding", "decoder_pos_embed") if k in sd), None)
+  if pos is not None and len(np.shape(sd[pos])) == 3:
+    n = int(np.shape(sd[pos])[1]) - 1
     side = int(round(np.sqrt(n)))
     patch = models.variant_kwargs(variant).get("patch_size", 16)
     if side * side == n:
@@ -33,22 +37,26 @@ def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
   return kwargs
 
 
-def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1, lambd: float = 0.1,
-                       **model_kwargs):
-  """(params, model kwargs) for an official CRATE state dict, validated against `variant`."""
-  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, "eta": eta, "lambd": lambd}
+def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1,
+                       lambd: float | None = None, **model_kwargs):
+  """(params, model kwargs) for an official state dict of `variant`'s family, validated against
+  it. lambd=None: the family's default (recorded in the kwargs)."""
+  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, "eta": eta}
+  if lambd is not None:
+    kwargs["lambd"] = lambd
   model = models.get(variant, **kwargs)
+  kwargs["lambd"] = model.lambd
   expected = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, model.image_size, model.image_size, model.channels)))
-  convert_fn = torch_keys.torch_to_flax
+  arch = dict(depth=model.depth, heads=model.heads, dim_head=model.dim_head)
+  if isinstance(model, models.CRATEMAE):
+    return mae_keys.torch_to_flax(state_dict, expected["params"], model), kwargs
   if isinstance(model, models.CRATEAlpha):
-    convert_fn = alpha_keys.torch_to_flax
-  elif type(model) is not models.CRATE:
+    return alpha_keys.torch_to_flax(state_dict, expected["params"], **arch), kwargs
+  if type(model) is not models.CRATE:
     raise ValueError(f"--variant {variant}: no PyTorch layout is known for "
-                     f"{type(model).__name__} (CRATE and CRATE-alpha are)")
-  params = convert_fn(state_dict, expected["params"], depth=model.depth, heads=model.heads,
-                      dim_head=model.dim_head)
-  return params, kwargs
+                     f"{type(model).__name__} (CRATE, CRATE-alpha and CRATE-MAE are)")
+  return torch_keys.torch_to_flax(state_dict, expected["params"], **arch), kwargs
 
 
 def convert_npz(arrays, variant: str, **model_kwargs):
@@ -88,20 +96,22 @@ def load_torch(path: str):
     import torch
   except ImportError as e:
     raise ImportError("converting PyTorch checkpoints needs torch: pip install -e '.[torch]'") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+  try:  # MAE-style training checkpoints also pickle their argparse.Namespace of arguments
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
     raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from e
 
 
-def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1, lambd: float = 0.1,
+def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1,
+            lambd: float | None = None,
             **model_kwargs) -> str:
   """Convert and write; returns the checkpoint step directory."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out {out!r} exists and is not empty; refusing to overwrite it")
   if torch_path.endswith(".npz"):
-    params, kwargs = convert_npz(load_npz(torch_path), variant, eta=eta, lambd=lambd,
-                                 **model_kwargs)
+    ista = {"eta": eta, **({} if lambd is None else {"lambd": lambd})}
+    params, kwargs = convert_npz(load_npz(torch_path), variant, **ista, **model_kwargs)
   else:
     params, kwargs = convert_state_dict(load_torch(torch_path), variant, eta=eta, lambd=lambd,
                                         **model_kwargs)

@@ -1,5 +1,6 @@
-"""Our checkpoints -> a PyTorch state dict (the official CRATE class, strict=True) or a serialized
-StableHLO forward pass (jax.export, symbolic batch dimension).
+"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes or the CRATE-alpha
+port, strict=True) or a serialized StableHLO forward pass (jax.export, symbolic batch dimension).
+CRATE-MAE's tensors that are not parameters of ours are written as mae_keys.fixed_tensors says.
 
 Nothing is written unless the whole export succeeds; an existing output is refused.
 """
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import alpha_keys, torch_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 STABLEHLO_FILE = "forward.stablehlo"
@@ -58,7 +59,12 @@ def load(checkpoint: str):
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE; CRATE-alpha: its PyTorch port)."""
+  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port)."""
+  if isinstance(model, models.CRATEMAE):
+    if model.image_size is None:
+      raise ExportError("the CRATE-MAE layout stores (N+1)-row position tables; this checkpoint's "
+                        "model has image_size=None")
+    return mae_keys.flax_to_torch(jax.device_get(params), model)
   if isinstance(model, models.CRATEAlpha):
     return alpha_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
                                     dim_head=model.dim_head)
