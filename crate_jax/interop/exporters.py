@@ -59,7 +59,9 @@ def load(checkpoint: str):
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port)."""
+  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port),
+  from either layer layout (a run with scan_layers saves the layers stacked)."""
+  params = models.scan_layout(jax.device_get(params), False)
   if isinstance(model, models.CRATEMAE):
     if model.image_size is None:
       raise ExportError("the CRATE-MAE layout stores (N+1)-row position tables; this checkpoint's "

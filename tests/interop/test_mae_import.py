@@ -198,6 +198,20 @@ def test_export_loads_strictly_and_gives_the_same_reconstructions(converted):
   _close(out["pred"], got["pred"], "exported reconstruction")
 
 
+def test_export_of_a_training_run_with_scanned_layers(converted):
+  """A run's checkpoint (meta = its config; scan_layers stacks the layers) exports the same."""
+  root, x, got, _ = converted
+  params, meta = ckpt_lib.load_params(str(root / "ckpt"))
+  kwargs = dict(meta["model_kwargs"], scan_layers=True)
+  ckpt_lib.save_params(str(root / "run"), models.scan_layout(params, True),
+                       {"config": {"model": {"name": "crate_mae_test", "kwargs": kwargs}}})
+  assert export.main(["--checkpoint", str(root / "run"), "--to", "torch",
+                      "--out", str(root / "run.pth")]) == 0
+  back = TorchCRATEMAE(**ARCH).eval()
+  back.load_state_dict(torch.load(root / "run.pth", weights_only=True), strict=True)
+  _close(_torch_outputs(back, x, got["mask"])["pred"], got["pred"], "exported (scanned run)")
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda sd: sd.pop("decoder_blocks.1.layers.0.1.fn.qkv.weight"),
      "missing keys ['decoder_blocks.1.layers.0.1.fn.qkv.weight']"),
