@@ -11,7 +11,8 @@ the authors' big_vision checkpoint (--npz); a crate_mae_* variant reads the offi
 
 eta and lambda are not stored in PyTorch checkpoints: pass --eta/--lambd if they differ from the
 official values (eta 0.1; lambda 0.1, or 0.5 for CRATE-MAE); they are recorded in the output's
-meta. Every key must be accounted for; any mismatch raises before anything is written, and an existing output is never overwritten.
+meta. Every key must be accounted for; any mismatch raises before anything is written, and an
+existing output is never overwritten.
 """
 from __future__ import annotations
 

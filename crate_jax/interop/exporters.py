@@ -1,6 +1,7 @@
-"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes or the CRATE-alpha
-port, strict=True) or a serialized StableHLO forward pass (jax.export, symbolic batch dimension).
-CRATE-MAE's tensors that are not parameters of ours are written as mae_keys.fixed_tensors says.
+"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes or the
+CRATE-alpha port, strict=True) or a serialized StableHLO forward pass (jax.export, symbolic batch
+dimension). CRATE-MAE's tensors that are not parameters of ours are written as
+mae_keys.fixed_tensors says.
 
 Nothing is written unless the whole export succeeds; an existing output is refused.
 """

@@ -6,7 +6,7 @@
   blocks.{i}.layers.0.0.{norm, fn.qkv, fn.to_out.0}  -> encoder/layer_i/{norm_mssa, mssa}
   blocks.{i}.layers.0.1.{norm, fn.weight}      -> encoder/layer_i/{norm_ista, ista/D}
   norm                                          -> encoder/norm
-  decoder_blocks.{i}.layers.0.0.{norm, fn.weight}    -> decoder/layer_i/{norm_ista, D}   (y = D LN x)
+  decoder_blocks.{i}.layers.0.0.{norm, fn.weight}    -> decoder/layer_i/{norm_ista, D}  y = D LN x
   decoder_blocks.{i}.layers.0.1.{norm, fn.qkv, fn.to_out.0} -> decoder/layer_i/{norm_mssa, mssa}
   decoder_norm, decoder_pred                    -> decoder/norm, decoder/pred
 
