@@ -226,10 +226,12 @@ def file_lock(root: str, name: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare_once(make_builder, lock_root: str, lock_name: str):
+def prepare_once(make_builder, lock_root: str, lock_name: str, cleanup=None):
   """make_builder() -> a tfds builder, prepared into its data dir once, offline (the offline
   builders: embedded sets, image folders). Concurrent callers wait on the file lock; in a
-  shared dir that cannot be locked, a failure after another host finished counts as prepared."""
+  shared dir that cannot be locked, a failure after another host finished counts as prepared.
+  A failed preparation calls cleanup() (under the lock) before re-raising, so a builder whose data
+  dir is its own can remove what tfds left there."""
   builder = make_builder()
   if builder.is_prepared():
     return builder
@@ -241,7 +243,9 @@ def prepare_once(make_builder, lock_root: str, lock_name: str):
           compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False)
       try:
         builder.download_and_prepare(download_config=config)
-      except Exception:  # noqa: BLE001 - re-raised unless another host prepared it meanwhile
+      except BaseException:  # re-raised unless another host prepared it meanwhile
         if not make_builder().is_prepared():
+          if cleanup is not None:
+            cleanup()
           raise
   return make_builder()

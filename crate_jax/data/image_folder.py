@@ -12,13 +12,16 @@ deterministic resumable batches, augmentations, cache) then reads it like any ot
 Bad input raises ImageFolderError, one line, before anything compiles: a missing train/ or val/, a
 class folder without images, different class sets in train and val, a folder with no images, a file
 outside a class folder, and any file that is not a readable JPEG or PNG image. An unreadable file is
-fatal (never silently skipped): it is named so that it can be fixed or removed.
+fatal (never silently skipped): it is named so that it can be fixed or removed. A preparation that
+fails (a bad image, an error or interrupt while writing) removes its DIR/.tfds/<fingerprint>/ folder,
+so no half-written copy is left for the next run; only the lock file DIR/.tfds/prepare.lock stays.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
+import shutil
 
 SPLITS = ("train", "val")
 FORMATS = ("JPEG", "PNG")
@@ -150,7 +153,8 @@ def prepared_builder(root: str):
   cache = os.path.join(listing.root, CACHE_DIR)
   data_dir = os.path.join(cache, listing.fingerprint())
   return datasets.prepare_once(lambda: cls(listing=listing, data_dir=data_dir), cache,
-                               "prepare.lock")
+                               "prepare.lock",
+                               cleanup=lambda: shutil.rmtree(data_dir, ignore_errors=True))
 
 
 def class_names(root: str) -> list[str]:

@@ -53,38 +53,13 @@ def alpha_key_map(depth: int, heads: int, dim_head: int):
   return m
 
 
-def _check_keys(have, want, what: str, arch: str = "CRATE-alpha"):
-  missing = [k for k in want if k not in have]
-  unexpected = [k for k in have if k not in want]
-  if missing or unexpected:
-    raise ValueError(f"{what} does not match the {arch} architecture: missing keys "
-                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected keys "
-                     f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-
-
-def _fill(pairs, expected) -> dict[str, Any]:
-  """pairs: (source key, source array, flax path, transform) -> params, checking every shape."""
-  params: dict[str, Any] = {}
-  for key, src, path, fn in pairs:
-    src = np.asarray(torch_keys._to_numpy(src), dtype=np.float32)
-    want = tuple(torch_keys._leaf(expected, path).shape)
-    try:
-      value = fn(src)
-    except ValueError:
-      value = None
-    if value is None or value.shape != want:
-      raise ValueError(f"tensor {key!r} has shape {src.shape} but {'/'.join(path)} expects {want}")
-    torch_keys._set(params, path, value)
-  return params
-
-
 def torch_to_flax(state_dict: Mapping[str, Any], expected, *, depth: int, heads: int,
                   dim_head: int) -> dict[str, Any]:
   """The PyTorch port's state dict -> params shaped like `expected`."""
   sd = torch_keys.unwrap_state_dict(state_dict)
   key_map = alpha_key_map(depth, heads, dim_head)
-  _check_keys(sd, key_map, "state dict")
-  return _fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  torch_keys.check_keys(sd, key_map, "state dict", "CRATE-alpha")
+  return torch_keys.fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
 
 
 def flax_to_torch(params, *, depth: int, heads: int, dim_head: int) -> dict[str, np.ndarray]:
@@ -106,5 +81,5 @@ def npz_to_flax(arrays: Mapping[str, Any], expected) -> dict[str, Any]:
   """A big_vision checkpoint ('/'-joined Flax paths; a leading 'params/' is accepted)."""
   flat = {(k[len("params/"):] if k.startswith("params/") else k): v for k, v in arrays.items()}
   want = {"/".join(p): p for p in _paths(expected)}
-  _check_keys(flat, want, "npz checkpoint")
-  return _fill(((k, flat[k], p, lambda x: x) for k, p in want.items()), expected)
+  torch_keys.check_keys(flat, want, "npz checkpoint", "CRATE-alpha")
+  return torch_keys.fill(((k, flat[k], p, lambda x: x) for k, p in want.items()), expected)

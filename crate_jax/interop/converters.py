@@ -1,14 +1,15 @@
-"""Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, official
-CRATE-MAE (`mae_crate_*`), the CRATE-alpha PyTorch port (each by --variant's family) and
+"""Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
+CRATE-alpha PyTorch port, official PyTorch CRATE-MAE (`crate_ae`) (all by --variant's family) and
 CRATE-alpha big_vision `.npz` files.
 
-eta and lambda are not stored in PyTorch checkpoints: they are arguments (default: the variant's,
-0.1/0.1 for CRATE, 0.1/0.5 for CRATE-MAE), recorded in the meta.
+eta and lambda are not stored in PyTorch checkpoints: they are arguments (lambda defaults to the
+family's: 0.1 for CRATE and CRATE-alpha, 0.5 for CRATE-MAE), recorded in the meta.
 Every key must be accounted for; any mismatch raises before anything is written, and an existing
 output is never overwritten.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 import jax
@@ -21,52 +22,41 @@ from crate_jax.training import checkpoint as ckpt_lib
 
 
 def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
-  """num_classes, image_size (head rows, pos-emb rows) and, for CRATE-MAE, the patch size and
-  decoder depth, as stored in the file."""
+  """num_classes and image_size as stored in the file (head rows, pos-emb rows)."""
   sd = torch_keys.unwrap_state_dict(state_dict)
   kwargs = {}
   if "mlp_head.1.weight" in sd:
     kwargs["num_classes"] = int(np.shape(sd["mlp_head.1.weight"])[0])
-  patch = models.variant_kwargs(variant).get("patch_size", 16)
-  if "patch_embed.proj.weight" in sd:  # CRATE-MAE
-    patch = kwargs["patch_size"] = int(np.shape(sd["patch_embed.proj.weight"])[-1])
-    kwargs["decoder_depth"] = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
-  for key in ("pos_embedding", "decoder_pos_embed"):
-    if key in sd:
-      n = int(np.shape(sd[key])[1]) - 1
-      side = int(round(np.sqrt(n)))
-      if side * side == n:
-        kwargs["image_size"] = side * patch
+  pos = next((k for k in ("pos_embedding", "decoder_pos_embed") if k in sd), None)
+  if pos is not None and len(np.shape(sd[pos])) == 3:
+    n = int(np.shape(sd[pos])[1]) - 1
+    side = int(round(np.sqrt(n)))
+    patch = models.variant_kwargs(variant).get("patch_size", 16)
+    if side * side == n:
+      kwargs["image_size"] = side * patch
   return kwargs
 
 
-def abstract_params(model):
-  """The model's params as ShapeDtypeStructs (no computation)."""
-  shape = (1, model.image_size, model.image_size, model.channels)
-  rngs = {"params": jax.random.key(0), "mask": jax.random.key(1)}  # CRATE-MAE draws its mask
-  return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(shape)))["params"]
-
-
-def convert_state_dict(state_dict, variant: str, *, eta: float | None = None,
+def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1,
                        lambd: float | None = None, **model_kwargs):
-  """(params, model kwargs) for an official state dict (CRATE, CRATE-MAE or the CRATE-alpha port,
-  by `variant`'s family), validated against `variant`. eta/lambd None: the variant's own."""
-  steps = {k: v for k, v in (("eta", eta), ("lambd", lambd)) if v is not None}
-  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, **steps}
+  """(params, model kwargs) for an official state dict of `variant`'s family, validated against
+  it. lambd=None: the family's default (recorded in the kwargs)."""
+  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, "eta": eta}
+  if lambd is not None:
+    kwargs["lambd"] = lambd
   model = models.get(variant, **kwargs)
-  expected = abstract_params(model)
+  kwargs["lambd"] = model.lambd
+  expected = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, model.image_size, model.image_size, model.channels)))
+  arch = dict(depth=model.depth, heads=model.heads, dim_head=model.dim_head)
+  if isinstance(model, models.CRATEMAE):
+    return mae_keys.torch_to_flax(state_dict, expected["params"], model), kwargs
   if isinstance(model, models.CRATEAlpha):
-    params = alpha_keys.torch_to_flax(state_dict, expected, depth=model.depth, heads=model.heads,
-                                      dim_head=model.dim_head)
-  elif isinstance(model, models.CRATEMAE):
-    params = mae_keys.torch_to_flax(state_dict, expected, model=model)
-  elif type(model) is models.CRATE:
-    params = torch_keys.torch_to_flax(state_dict, expected, depth=model.depth, heads=model.heads,
-                                      dim_head=model.dim_head)
-  else:
+    return alpha_keys.torch_to_flax(state_dict, expected["params"], **arch), kwargs
+  if type(model) is not models.CRATE:
     raise ValueError(f"--variant {variant}: no PyTorch layout is known for "
-                     f"{type(model).__name__} (CRATE, CRATE-MAE and CRATE-alpha are)")
-  return params, {**kwargs, "eta": model.eta, "lambd": model.lambd}
+                     f"{type(model).__name__} (CRATE, CRATE-alpha and CRATE-MAE are)")
+  return torch_keys.torch_to_flax(state_dict, expected["params"], **arch), kwargs
 
 
 def convert_npz(arrays, variant: str, **model_kwargs):
@@ -80,12 +70,13 @@ def convert_npz(arrays, variant: str, **model_kwargs):
     if int(round(np.sqrt(n))) ** 2 == n:
       kwargs["image_size"] = int(round(np.sqrt(n))) * patch
   kwargs.update(model_kwargs)
-  kwargs = {k: v for k, v in kwargs.items() if v is not None}
   model = models.get(variant, **kwargs)
   if not isinstance(model, models.CRATEAlpha):
     raise ValueError(f"--npz holds big_vision CRATE-alpha weights but --variant {variant} is a "
                      f"{type(model).__name__}; use a crate_alpha_* variant")
-  return alpha_keys.npz_to_flax(flat, abstract_params(model)), kwargs
+  expected = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, model.image_size, model.image_size, model.channels)))
+  return alpha_keys.npz_to_flax(flat, expected["params"]), kwargs
 
 
 def load_npz(path: str) -> dict:
@@ -105,20 +96,22 @@ def load_torch(path: str):
     import torch
   except ImportError as e:
     raise ImportError("converting PyTorch checkpoints needs torch: pip install -e '.[torch]'") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+  try:  # MAE-style training checkpoints also pickle their argparse.Namespace of arguments
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
     raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from e
 
 
-def convert(torch_path: str, variant: str, out: str, *, eta: float | None = None,
-            lambd: float | None = None, **model_kwargs) -> str:
+def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1,
+            lambd: float | None = None,
+            **model_kwargs) -> str:
   """Convert and write; returns the checkpoint step directory."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out {out!r} exists and is not empty; refusing to overwrite it")
   if torch_path.endswith(".npz"):
-    params, kwargs = convert_npz(load_npz(torch_path), variant, eta=eta, lambd=lambd,
-                                 **model_kwargs)
+    ista = {"eta": eta, **({} if lambd is None else {"lambd": lambd})}
+    params, kwargs = convert_npz(load_npz(torch_path), variant, **ista, **model_kwargs)
   else:
     params, kwargs = convert_state_dict(load_torch(torch_path), variant, eta=eta, lambd=lambd,
                                         **model_kwargs)

@@ -1,5 +1,7 @@
-"""Our checkpoints -> a PyTorch state dict (the official CRATE class, strict=True) or a serialized
-StableHLO forward pass (jax.export, symbolic batch dimension).
+"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes or the
+CRATE-alpha port, strict=True) or a serialized StableHLO forward pass (jax.export, symbolic batch
+dimension). CRATE-MAE's tensors that are not parameters of ours are written as
+mae_keys.fixed_tensors says.
 
 Nothing is written unless the whole export succeeds; an existing output is refused.
 """
@@ -15,7 +17,6 @@ import numpy as np
 
 from crate_jax import models
 from crate_jax.interop import alpha_keys, mae_keys, torch_keys
-from crate_jax.interop.converters import abstract_params
 from crate_jax.training import checkpoint as ckpt_lib
 
 STABLEHLO_FILE = "forward.stablehlo"
@@ -51,24 +52,28 @@ def load(checkpoint: str):
   _, meta = ckpt_lib.load_params(path)
   model, cfg = model_from_meta(meta)
   ema = bool(cfg and cfg.get("ema_decay", 0) > 0 and cfg.get("eval_ema", True))
-  params, _ = ckpt_lib.load_params_for(abstract_params(model), path, ema=ema,
+  shape = (1, model.image_size, model.image_size, 3)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
+  params, _ = ckpt_lib.load_params_for(abstract, path, ema=ema,
                                       adapt=functools.partial(models.adapt_params, model))
   return model, params, cfg
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port)."""
+  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port),
+  from either layer layout (a run with scan_layers saves the layers stacked)."""
+  params = models.scan_layout(jax.device_get(params), False)
+  if isinstance(model, models.CRATEMAE):
+    if model.image_size is None:
+      raise ExportError("the CRATE-MAE layout stores (N+1)-row position tables; this checkpoint's "
+                        "model has image_size=None")
+    return mae_keys.flax_to_torch(jax.device_get(params), model)
   if isinstance(model, models.CRATEAlpha):
     return alpha_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
                                     dim_head=model.dim_head)
-  if isinstance(model, models.CRATEMAE):
-    if model.image_size is None:
-      raise ExportError("a CRATE-MAE built with image_size=None has no fixed position table to "
-                        "export; build it with the image size the PyTorch model will use")
-    return mae_keys.flax_to_torch(jax.device_get(params), model=model)
   if type(model) is not models.CRATE:
-    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE, "
-                      "CRATE-MAE and CRATE-alpha have one)")
+    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE "
+                      "and CRATE-alpha have one)")
   return torch_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
                                   dim_head=model.dim_head)
 

@@ -1,18 +1,25 @@
-"""The official CRATE-MAE (`model/crate_ae`, `mae_crate_*`) state-dict layout <-> our Flax tree.
+"""CRATE-MAE's official PyTorch layout (`model/crate_ae`: FAIR MAE's wrapper with CRATE blocks)
+<-> our Flax tree (numpy only, no torch).
 
-Official keys (numpy only here, no torch):
-  cls_token, mask_token (1, 1, d);  patch_embed.proj.{weight (d, C, p, p), bias}
-  blocks.{i}.layers.0.0 = PreNorm(MSSA): norm.*, fn.qkv.weight (h p, d), fn.to_out.0.{weight, bias}
-  blocks.{i}.layers.0.1 = PreNorm(ISTA): norm.*, fn.weight D (d, d);  norm.* (encoder end)
-  decoder_blocks.{i}.layers.0.0 = PreNorm(y = D x): norm.*, fn.weight (d, d)
-  decoder_blocks.{i}.layers.0.1 = PreNorm(MSSA): norm.*, fn.qkv.weight, fn.to_out.0.*
-  decoder_norm.*, decoder_pred.{weight (p p C, d), bias}
-Three tensors are in every file but are not parameters of the computation:
-  decoder_pos_embed (1, N+1, d): the fixed sin-cos table the *encoder* adds. Ours computes the same
-    table; on import the file's must equal it (else the positions would silently differ).
-  pos_embed (1, N+1, d): a second sin-cos table the official forward never reads (shape-checked).
-  decoder_embed.{weight (d, d), bias (d,)}: a Linear the official forward never calls
-    (shape-checked on import; exported as zeros).
+  patch_embed.proj.{weight (d,C,p,p), bias}    -> encoder/patch_embed/{kernel (p,p,C,d), bias}
+  cls_token, mask_token (1,1,d)                -> encoder/cls_token, mask_token
+  blocks.{i}.layers.0.0.{norm, fn.qkv, fn.to_out.0}  -> encoder/layer_i/{norm_mssa, mssa}
+  blocks.{i}.layers.0.1.{norm, fn.weight}      -> encoder/layer_i/{norm_ista, ista/D}
+  norm                                          -> encoder/norm
+  decoder_blocks.{i}.layers.0.0.{norm, fn.weight}    -> decoder/layer_i/{norm_ista, D}  y = D LN x
+  decoder_blocks.{i}.layers.0.1.{norm, fn.qkv, fn.to_out.0} -> decoder/layer_i/{norm_mssa, mssa}
+  decoder_norm, decoder_pred                    -> decoder/norm, decoder/pred
+
+Present in the file but not parameters of our model (`UNUSED`), checked for shape on import and
+written with fixed values on export (`fixed_tensors`):
+  decoder_pos_embed (1, N+1, d): read by the forward pass (added before the encoder), but it is the
+    fixed 2-D sin-cos table, which our model computes; on import its values must equal that table.
+  pos_embed (1, N+1, d): never read by the forward pass; export writes the same sin-cos table (the
+    official initial value).
+  decoder_embed.{weight (d,d), bias (d)}: never read (the mask tokens enter the encoder); export
+    writes the identity and zeros.
+Every other tensor maps to one leaf; a missing, unexpected or mis-shaped tensor raises one
+ValueError naming the key and both shapes.
 """
 from __future__ import annotations
 
@@ -20,93 +27,99 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from crate_jax.interop import alpha_keys, torch_keys
+from crate_jax.interop import torch_keys
 from crate_jax.models.crate_mae import sincos_pos_embedding
 
-_SAME = (lambda x: x, lambda x: x)
-_T = (lambda x: x.T, lambda x: x.T)
-_CONV = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+UNUSED = ("pos_embed", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias")
+POS_TOLERANCE = 1e-4  # float32 sin/cos of positions < 1000, computed either way
 
 
-def _mssa(torch_prefix: str, flax_prefix: tuple[str, ...], heads: int, dim_head: int):
+def _mssa_maps(t: str, f: tuple[str, ...], heads: int, dim_head: int):
+  """MSSA (PreNorm(Attention) at torch prefix t) <-> flax subtree f's norm_mssa / mssa."""
+  same = (lambda x: x, lambda x: x)
   qkv = (lambda w: w.T.reshape(w.shape[1], heads, dim_head),        # (h p, d) <-> (d, h, p)
          lambda k: k.reshape(k.shape[0], -1).T)
   out = (lambda w: w.T.reshape(heads, dim_head, w.shape[0]),        # (d, h p) <-> (h, p, d)
          lambda k: k.reshape(-1, k.shape[-1]).T)
-  return {f"{torch_prefix}.fn.qkv.weight": ((*flax_prefix, "mssa", "U"), *qkv),
-          f"{torch_prefix}.fn.to_out.0.weight": ((*flax_prefix, "mssa", "out_kernel"), *out),
-          f"{torch_prefix}.fn.to_out.0.bias": ((*flax_prefix, "mssa", "out_bias"), *_SAME)}
+  return {f"{t}.norm.weight": ((*f, "norm_mssa", "scale"), *same),
+          f"{t}.norm.bias": ((*f, "norm_mssa", "bias"), *same),
+          f"{t}.fn.qkv.weight": ((*f, "mssa", "U"), *qkv),
+          f"{t}.fn.to_out.0.weight": ((*f, "mssa", "out_kernel"), *out),
+          f"{t}.fn.to_out.0.bias": ((*f, "mssa", "out_bias"), *same)}
 
 
-def _norm(torch_prefix: str, flax_path: tuple[str, ...]):
-  return {f"{torch_prefix}.weight": ((*flax_path, "scale"), *_SAME),
-          f"{torch_prefix}.bias": ((*flax_path, "bias"), *_SAME)}
-
-
-def mae_key_map(*, depth: int, heads: int, dim_head: int, decoder_depth: int, decoder_heads: int,
-                dim: int):
-  """torch key -> (flax path, torch->flax transform, flax->torch transform), parameters only."""
-  m = {"cls_token": (("encoder", "cls_token"), *_SAME),
-       "mask_token": (("mask_token",), *_SAME),
-       "patch_embed.proj.weight": (("encoder", "patch_embed", "kernel"), *_CONV),
-       "patch_embed.proj.bias": (("encoder", "patch_embed", "bias"), *_SAME),
-       **_norm("norm", ("encoder", "norm")),
-       **_norm("decoder_norm", ("decoder", "norm")),
-       "decoder_pred.weight": (("decoder", "pred", "kernel"), *_T),
-       "decoder_pred.bias": (("decoder", "pred", "bias"), *_SAME)}
+def mae_key_map(model) -> dict:
+  """torch key -> (flax path, torch->flax transform, flax->torch transform) for a CRATEMAE."""
+  same = (lambda x: x, lambda x: x)
+  t = (lambda x: x.T, lambda x: x.T)
+  conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+  m = {"patch_embed.proj.weight": (("encoder", "patch_embed", "kernel"), *conv),
+       "patch_embed.proj.bias": (("encoder", "patch_embed", "bias"), *same),
+       "cls_token": (("encoder", "cls_token"), *same),
+       "mask_token": (("mask_token",), *same)}
+  for i in range(model.depth):
+    b, f = f"blocks.{i}.layers.0", ("encoder", f"layer_{i}")
+    m.update(_mssa_maps(f"{b}.0", f, model.heads, model.dim_head))
+    m.update({f"{b}.1.norm.weight": ((*f, "norm_ista", "scale"), *same),
+              f"{b}.1.norm.bias": ((*f, "norm_ista", "bias"), *same),
+              f"{b}.1.fn.weight": ((*f, "ista", "D"), *same)})
+  m.update({"norm.weight": (("encoder", "norm", "scale"), *same),
+            "norm.bias": (("encoder", "norm", "bias"), *same)})
+  depth, heads = model.decoder_arch()
   for i in range(depth):
-    t, f = f"blocks.{i}.layers.0", ("encoder", f"layer_{i}")
-    m.update({**_norm(f"{t}.0.norm", (*f, "norm_mssa")), **_mssa(f"{t}.0", f, heads, dim_head),
-              **_norm(f"{t}.1.norm", (*f, "norm_ista")),
-              f"{t}.1.fn.weight": ((*f, "ista", "D"), *_SAME)})
-  for i in range(decoder_depth):
-    t, f = f"decoder_blocks.{i}.layers.0", ("decoder", f"layer_{i}")
-    m.update({**_norm(f"{t}.0.norm", (*f, "norm_ista")), f"{t}.0.fn.weight": ((*f, "D"), *_SAME),
-              **_norm(f"{t}.1.norm", (*f, "norm_mssa")),
-              **_mssa(f"{t}.1", f, decoder_heads, dim // decoder_heads)})
+    b, f = f"decoder_blocks.{i}.layers.0", ("decoder", f"layer_{i}")
+    m.update({f"{b}.0.norm.weight": ((*f, "norm_ista", "scale"), *same),
+              f"{b}.0.norm.bias": ((*f, "norm_ista", "bias"), *same),
+              f"{b}.0.fn.weight": ((*f, "D"), *same)})
+    m.update(_mssa_maps(f"{b}.1", f, heads, model.dim // heads))
+  m.update({"decoder_norm.weight": (("decoder", "norm", "scale"), *same),
+            "decoder_norm.bias": (("decoder", "norm", "bias"), *same),
+            "decoder_pred.weight": (("decoder", "pred", "kernel"), *t),
+            "decoder_pred.bias": (("decoder", "pred", "bias"), *same)})
   return m
 
 
-def buffer_shapes(dim: int, num_patches: int) -> dict[str, tuple[int, ...]]:
-  """The three non-parameter tensors of an official file and their shapes (see the module doc)."""
-  return {"pos_embed": (1, num_patches + 1, dim), "decoder_pos_embed": (1, num_patches + 1, dim),
-          "decoder_embed.weight": (dim, dim), "decoder_embed.bias": (dim,)}
+def fixed_tensors(model) -> dict[str, np.ndarray]:
+  """The `UNUSED` tensors as export writes them: both position tables = the fixed sin-cos table
+  (what the official code initialises them to), decoder_embed = identity and zeros."""
+  if model.image_size is None:
+    raise ValueError("the CRATE-MAE layout stores (N+1)-row position tables: build the model "
+                     "with an image_size")
+  g = model.image_size // model.patch_size
+  table = sincos_pos_embedding(model.dim, (g, g))[None]
+  return {"pos_embed": table, "decoder_pos_embed": table,
+          "decoder_embed.weight": np.eye(model.dim, dtype=np.float32),
+          "decoder_embed.bias": np.zeros((model.dim,), np.float32)}
 
 
-def arch_of(model) -> dict[str, int]:
-  depth, heads = model.decoder_arch()
-  return dict(depth=model.depth, heads=model.heads, dim_head=model.dim_head, decoder_depth=depth,
-              decoder_heads=heads, dim=model.dim)
+def _check_unused(sd, fixed) -> None:
+  """Shapes of the unused tensors; decoder_pos_embed must be the sin-cos table the model adds."""
+  for key, want in fixed.items():
+    got = np.asarray(torch_keys._to_numpy(sd[key]), np.float32)
+    if got.shape != want.shape:
+      raise ValueError(f"tensor {key!r} has shape {got.shape} but the CRATE-MAE layout expects "
+                       f"{want.shape} (it is not used by the forward pass; its shape is checked)")
+  pos = np.asarray(torch_keys._to_numpy(sd["decoder_pos_embed"]), np.float32)
+  err = float(np.abs(pos - fixed["decoder_pos_embed"]).max())
+  if not err <= POS_TOLERANCE:
+    raise ValueError(f"tensor 'decoder_pos_embed' differs from the fixed 2-D sin-cos table by up "
+                     f"to {err:.3g}; the model adds that table (it is not a parameter), so these "
+                     "weights would not give the same reconstructions")
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], expected, *, model) -> dict[str, Any]:
-  """An official CRATE-MAE state dict -> params shaped like `expected` (the CRATEMAE's)."""
+def torch_to_flax(state_dict: Mapping[str, Any], expected, model) -> dict[str, Any]:
+  """The official crate_ae state dict -> params shaped like `expected` (a CRATEMAE's params)."""
   sd = torch_keys.unwrap_state_dict(state_dict)
-  key_map = mae_key_map(**arch_of(model))
-  grid = (model.image_size // model.patch_size,) * 2
-  buffers = buffer_shapes(model.dim, grid[0] * grid[1])
-  alpha_keys._check_keys(sd, {**key_map, **buffers}, "state dict", "CRATE-MAE")
-  for key, want in buffers.items():
-    have = tuple(np.shape(torch_keys._to_numpy(sd[key])))
-    if have != want:
-      raise ValueError(f"tensor {key!r} has shape {have} but the CRATE-MAE layout expects {want}")
-  table = sincos_pos_embedding(model.dim, grid)[None]
-  got = np.asarray(torch_keys._to_numpy(sd["decoder_pos_embed"]), np.float32)
-  if not np.allclose(got, table, atol=1e-5):
-    raise ValueError("tensor 'decoder_pos_embed' is not the 2-D sin-cos table of a "
-                     f"{grid[0]}x{grid[1]} grid (max difference {np.abs(got - table).max():.3g}); "
-                     "the positions this model computes would differ from the file's")
-  return alpha_keys._fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  key_map = mae_key_map(model)
+  fixed = fixed_tensors(model)
+  torch_keys.check_keys(sd, {**key_map, **fixed}, "state dict", "CRATE-MAE")
+  params = torch_keys.fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  _check_unused(sd, fixed)
+  return params
 
 
-def flax_to_torch(params, *, model) -> dict[str, np.ndarray]:
-  """Inverse of `torch_to_flax`: every key of the official class (strict-loadable); the fixed
-  tables are the sin-cos table, the unused decoder_embed is zeros."""
+def flax_to_torch(params, model) -> dict[str, np.ndarray]:
+  """Inverse of `torch_to_flax` plus the `fixed_tensors` (strict-loadable by the official class)."""
   out = {k: np.ascontiguousarray(np.asarray(b(np.asarray(torch_keys._leaf(params, p), np.float32))))
-         for k, (p, _, b) in mae_key_map(**arch_of(model)).items()}
-  grid = (model.image_size // model.patch_size,) * 2
-  table = sincos_pos_embedding(model.dim, grid)[None]
-  out.update({"pos_embed": table.copy(), "decoder_pos_embed": table.copy(),
-              "decoder_embed.weight": np.zeros((model.dim, model.dim), np.float32),
-              "decoder_embed.bias": np.zeros((model.dim,), np.float32)})
-  return out
+         for k, (p, _, b) in mae_key_map(model).items()}
+  return {**out, **fixed_tensors(model)}

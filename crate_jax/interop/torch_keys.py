@@ -139,6 +139,32 @@ def flax_to_torch(params: Mapping[str, Any], *, depth: int, heads: int,
   return out
 
 
+def check_keys(have, want, what: str, arch: str) -> None:
+  """One ValueError naming the missing and unexpected keys (the first 8 of each)."""
+  missing = [k for k in want if k not in have]
+  unexpected = [k for k in have if k not in want]
+  if missing or unexpected:
+    raise ValueError(f"{what} does not match the {arch} architecture: missing keys "
+                     f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected keys "
+                     f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def fill(pairs, expected) -> dict[str, Any]:
+  """pairs: (source key, source array, flax path, transform) -> params, checking every shape."""
+  params: dict[str, Any] = {}
+  for key, src, path, fn in pairs:
+    src = np.asarray(_to_numpy(src), dtype=np.float32)
+    want = tuple(_leaf(expected, path).shape)
+    try:
+      value = fn(src)
+    except ValueError:
+      value = None
+    if value is None or value.shape != want:
+      raise ValueError(f"tensor {key!r} has shape {src.shape} but {'/'.join(path)} expects {want}")
+    _set(params, path, value)
+  return params
+
+
 def _to_numpy(x):
   if hasattr(x, "detach"):  # a torch tensor, without importing torch here
     return x.detach().cpu().float().numpy()

@@ -142,33 +142,3 @@ def test_bad_folders_are_refused_before_anything_compiles(tmp_path, case, messag
     datasets.get_builder(_cfg(d, n))
   assert message in str(e.value) and "\n" not in str(e.value)
 
-
-def _files_under(path):
-  return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
-
-
-def test_a_failed_prepare_leaves_nothing_to_reuse(tmp_path, monkeypatch):
-  """A file that vanishes while the folder is being prepared (after train/ was written): the
-  error reaches the caller, DIR/.tfds keeps no data file (only the lock), and once the folder is
-  whole again the next run prepares it from scratch and reads every image."""
-  d = tmp_path / "d"
-  for split in ("train", "val"):
-    for c in ("a", "b"):
-      _png(str(d / split / c / "x.png"))
-  victim = str(d / "val" / "b" / "x.png")
-  checked = image_folder.check_image
-
-  def check_then_vanish(path):
-    checked(path)
-    if path == victim:
-      os.rename(victim, victim + ".away")
-
-  monkeypatch.setattr(image_folder, "check_image", check_then_vanish)
-  with pytest.raises(FileNotFoundError, match="x.png"):
-    datasets.get_builder(_cfg(d, 2))
-  assert _files_under(d / image_folder.CACHE_DIR) == ["prepare.lock"]
-  monkeypatch.setattr(image_folder, "check_image", checked)
-  os.rename(victim + ".away", victim)
-  builder = datasets.get_builder(_cfg(d, 2))
-  assert builder.is_prepared()
-  assert [builder.info.splits[s].num_examples for s in ("train", "val")] == [2, 2]
