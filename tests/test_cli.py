@@ -51,6 +51,9 @@ def _cases(tmp):
                                   str(tmp / "none")], {cli.DEBUG_ENV: "1"}),
       "analyze_bad_images": (["crate_jax.analyze", *config, "--checkpoint", str(ckpt), "--out",
                               str(tmp / "out"), "--images", str(tmp / "no_images")], {}),
+      "analyze_segment_no_masks": (["crate_jax.analyze", *config, "--checkpoint", str(ckpt),
+                                    "--out", str(tmp / "seg"), "--segment",
+                                    "--config.data.name=cifar10"], {}),
       "convert_no_file": (["crate_jax.convert", "--torch", str(tmp / "none.pth"), "--variant",
                            "crate_tiny", "--out", str(tmp / "conv")], {}),
       "bench_unknown_model": (["crate_jax.bench", "--tiny", "--models", "crate_gigantic"], {}),
@@ -89,6 +92,8 @@ def _one_error_line(r, starts):
     ("train_typo", "config has no key 'batchsize'; did you mean 'batch_size'?"),
     ("evaluate_no_ckpt", "no checkpoint found at"),
     ("analyze_bad_images", "--images"),
+    ("analyze_segment_no_masks", "--segment: dataset 'cifar10' (config.data.name) has no "
+     "segmentation masks"),
     ("convert_no_file", "PyTorch checkpoint"),
     ("bench_unknown_model", "unknown model 'crate_gigantic'"),
 ])
