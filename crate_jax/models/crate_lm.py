@@ -10,18 +10,24 @@ BERT baselines of the same size, one module `TextModel` with a `block` switch.
 With `causal` every attention lets token i see tokens j <= i only (GPT); the mask is applied in
 `layers.attention`, the core every family uses, so the fused and the weights-returning paths agree.
 
-What comes from the paper and what is ours. The long-form CRATE paper (arXiv 2311.13110) reports
-CRATE-BERT (masked LM, BERT's recipe) and CRATE-GPT (next-token LM, GPT-2's recipe) built from the
-*unchanged* CRATE layer: tied-projection MSSA, then one ISTA step with a square dictionary and no
-residual around it; sizes those of BERT-base / GPT-2 small (d = 768, 12 layers, 12 heads) and
-their baselines' embeddings (learned absolute positions, an LM head over the token embedding).
-The language sections' text was not retrievable from this machine, so these points rest on the
-paper's summary and the project's reference spec (section 5.3); everything below is ours and
-flagged as such in the code: eta = lambda = 0.1 (the vision default), N(0, 0.02) token and
-position embeddings (GPT-2's), a final LayerNorm before a head tied to the token embedding
-(`tie_embeddings`, GPT-2 / BERT practice), the "tiny" sizes, the vocabulary defaults (GPT-2's
-50,257 padded to 50,304; BERT's 30,522; the byte tokenizer's 259 for tiny models), and the
-key-value cache for generation (one cache, since q = k = v).
+What comes from the paper and what is ours. The long-form CRATE paper (arXiv 2311.13110) says,
+in its abstract, that CRATE trained on text performs "very close to" BERT and GPT-2; its language
+sections (block, sizes, ISTA step, data and recipes) could NOT be read from this machine (searched
+2026-12-04: only the abstract, the project page and a HuggingFace-transformers docs page by a
+co-author are stored; that page says CRATE-BERT's official code is a transformers model with
+masked-LM, causal-LM and sequence-classification heads, and CRATE-GPT2 lives in a separate
+repository; neither's code is stored). So no choice below is verified against the paper's text:
+  - from the CRATE papers in general (the vision model this project verifies): the layer itself,
+    tied-projection MSSA then one ISTA step with a square dictionary and no residual around it,
+    eta = lambda = 0.1 (the official vision code's defaults);
+  - from BERT / GPT-2 (what "the same size as BERT / GPT-2" means): the base sizes d = 768, 12
+    layers, 12 heads (medium / large: 1024, 24, 16), learned absolute positions, N(0, 0.02)
+    embeddings, BERT's 30,522 and GPT-2's 50,257 (padded to 50,304: ours) vocabularies, 512 / 1024
+    positions, a final LayerNorm and a head tied to the token embedding (`tie_embeddings`);
+  - ours: that the paper's CRATE-BERT / CRATE-GPT use exactly this layer and these sizes
+    (plausible, unverified), the "tiny" / "mini" sizes, the byte vocabulary (259) of tiny models,
+    the classifier (mean over non-pad tokens, pad keys masked), and the key-value cache for
+    generation (one cache, since q = k = v).
 """
 from __future__ import annotations
 
@@ -88,8 +94,8 @@ class TextModel(nn.Module, kw_only=True):
   block: str = "crate"
   causal: bool = True             # GPT: causal; BERT: bidirectional
   mlp_ratio: int = 4              # "transformer" blocks only
-  eta: float = 0.1                # "crate" blocks: ISTA step size (ours: the vision default)
-  lambd: float = 0.1              # "crate" blocks: ISTA sparsity penalty (ours)
+  eta: float = 0.1                # "crate" blocks: ISTA step size (official vision default)
+  lambd: float = 0.1              # "crate" blocks: ISTA sparsity penalty (same)
   tie_embeddings: bool = True     # head = token embedding^T (GPT-2 / BERT practice)
   dtype: Dtype = jnp.float32
   remat: bool | str = False
