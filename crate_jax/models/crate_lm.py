@@ -164,6 +164,10 @@ class TextModel(nn.Module, kw_only=True):
   def __call__(self, tokens, *, train: bool = False, return_intermediates: bool = False):
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    if not self.final_norm and "final_norm" in self.variables.get("params", {}):
+      raise ValueError("the parameters hold a final LayerNorm 'final_norm' but the model was "
+                       "built with final_norm=False (a crate_gpt_* checkpoint from before the "
+                       "official model): build it with final_norm=True")
     tokens = jnp.asarray(tokens).astype(jnp.int32)
     z, emb = self.embed(tokens)
     if self.emb_dropout > 0:

@@ -194,3 +194,13 @@ def test_official_crate_gpt_sizes_in_the_registry():
     assert (kw["vocab_size"], kw["max_len"]) == (50_304, 1024)
     assert models.variant_kwargs(f"gpt_{name}")["dim"] == dim
   assert models.variant_kwargs("crate_bert_large")["dim"] == 1024
+
+
+def test_final_norm_parameters_without_final_norm_are_one_clear_error():
+  """Parameters with a final LayerNorm (crate_gpt_* before the official model) are refused by a
+  model built without one, instead of silently skipping it."""
+  with_norm, params = _build("crate", True)
+  assert "final_norm" in params
+  without = models.TextModel(**SMALL, block="crate", causal=True, final_norm=False)
+  with pytest.raises(ValueError, match="final_norm=True"):
+    without.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
