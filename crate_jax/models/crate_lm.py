@@ -25,12 +25,12 @@ Where each choice comes from.
   positions; no dropout; AdamW with weight decay on matrices only (configs: decay_mask="kernels").
   From the long-form paper (arXiv 2311.13110): only that CRATE-BERT / CRATE-GPT are trained as
   masked / causal LMs and compared with BERT / GPT-2 of the same size; its language sections
-  could not be read here (only the abstract is stored), so nothing below is checked against them.
+  could not be read here (only the abstract is stored), so nothing here is checked against them.
   CRATE-BERT has NO official code: crate_bert_* reuse the CRATE-GPT layer without the causal
   mask (ours), with BERT's sizes (768, 12, 12) / (1024, 24, 16), 30,522 WordPiece vocabulary and
   512 positions, a final LayerNorm as BERT has, and nn.Linear-default MSSA init (ours).
-  Ours: the GPT / BERT baselines' final LayerNorm (as GPT-2 / BERT) and their ViT-block init; the
-  "tiny" / "mini" sizes and the byte vocabulary (259) of tiny models; the classifier (mean over
+  From GPT-2 / BERT: the baselines' final LayerNorm. Ours: the baselines' ViT-block init; the
+  ISTA step computed as D^T (Z - D Z) (two matmuls, the same value); the "tiny" / "mini" sizes and the byte vocabulary (259) of tiny models; the classifier (mean over
   non-pad tokens, pad keys masked); the key-value cache for generation (one cache, q = k = v).
 """
 from __future__ import annotations
