@@ -30,8 +30,9 @@ Where each choice comes from.
   mask (ours), with BERT's sizes (768, 12, 12) / (1024, 24, 16), 30,522 WordPiece vocabulary and
   512 positions, a final LayerNorm as BERT has, and nn.Linear-default MSSA init (ours).
   From GPT-2 / BERT: the baselines' final LayerNorm. Ours: the baselines' ViT-block init; the
-  ISTA step computed as D^T (Z - D Z) (two matmuls, the same value); the "tiny" / "mini" sizes and the byte vocabulary (259) of tiny models; the classifier (mean over
-  non-pad tokens, pad keys masked); the key-value cache for generation (one cache, q = k = v).
+  ISTA step computed as D^T (Z - D Z) (two matmuls, the same value); the "tiny" / "mini" sizes
+  and the byte vocabulary (259) of tiny models; the classifier (mean over non-pad tokens, pad
+  keys masked); the key-value cache for generation (one cache, q = k = v).
 """
 from __future__ import annotations
 
