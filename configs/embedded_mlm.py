@@ -1,5 +1,5 @@
 """CRATE-BERT (masked LM, BERT's 15% with 80/10/10) on the embedded Shakespeare corpus, offline,
-with the recipe of configs/embedded_lm.py:
+with the model of configs/embedded_lm.py (128-byte sequences, 1,500 steps):
 
   python -m crate_jax.train --config configs/embedded_mlm.py --workdir workdirs/embedded_mlm
 """

@@ -120,7 +120,11 @@ def load(checkpoint: str):
     from crate_jax.data import tokenizers
     with config.unlocked():
       config.data.tokenizer_dir = tokenizers.run_directory(checkpoint, config.data.tokenizer_dir)
-  return models.from_config(config), params, config
+  model = models.from_config(config)
+  if isinstance(model, models.TextModel) and model.final_norm != ("final_norm" in params):
+    # crate_gpt_* checkpoints written before the official model (no final LayerNorm) have one.
+    model = model.clone(final_norm="final_norm" in params)
+  return model, params, config
 
 
 @cli.command

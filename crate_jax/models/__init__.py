@@ -11,7 +11,7 @@ from crate_jax.models.crate_alpha import ALPHA_VARIANTS, CRATEAlpha, alpha_kwarg
 from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
-from crate_jax.models.crate_lm import LM_SIZES, TextModel, lm_kwargs
+from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TextModel, lm_kwargs
 from crate_jax.models.family import (adapt_params, forward_flops, has_class_token, head_params,
                                      layer_ids,
                                      layer_outputs, scan_layout)
@@ -41,11 +41,12 @@ for _size, (_dim, _depth, _heads) in MAE_SIZES.items():
   register(f"crate_mae_{_size}", CRATEMAE, **_arch)
   register(f"crate_mae_classifier_{_size}", CRATEMAEClassifier, **_arch)
 
-# Language: CRATE-GPT / CRATE-BERT and the GPT / BERT baselines of the same sizes.
-for _size in ("tiny", "mini", "small", "medium"):
+# Language: CRATE-GPT / CRATE-BERT and the GPT / BERT baselines of the same sizes; small /
+# medium / large / xl are the official CRATE-GPT's crate / crate-medium / crate-large / crate-xl.
+for _size in GPT_SIZES:
   register(f"crate_gpt_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=True))
   register(f"gpt_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=True))
-for _size in ("tiny", "mini", "base", "large"):
+for _size in BERT_SIZES:
   register(f"crate_bert_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=False))
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 

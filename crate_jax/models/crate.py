@@ -101,8 +101,9 @@ MSSA_OUTPUTS = ("free", "tied")
 class MSSA(nn.Module, kw_only=True):
   """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v).
 
-  init: "torch" (nn.Linear defaults, the classifier) or "xavier" (xavier-uniform U and W_out,
-  zero b_out, as CRATE-MAE initialises it). output: "free" (a learned W_out, b_out: the official
+  init: "torch" (nn.Linear defaults, the classifier), "xavier" (xavier-uniform U and W_out,
+  zero b_out, as CRATE-MAE initialises it) or "gpt" (the official CRATE-GPT / GPT-2: U ~ N(0, 0.02),
+  W_out ~ N(0, 0.02 / sqrt(2 init_depth)), b_out = 0; init_depth = the model's depth). output: "free" (a learned W_out, b_out: the official
   model) or "tied" (the derivation's U_[K] itself, no bias: no out_kernel / out_bias parameters).
   """
   dim: int
@@ -114,6 +115,7 @@ class MSSA(nn.Module, kw_only=True):
   causal: bool = False            # token i attends to j <= i (CRATE-GPT)
   decode: bool = False            # attend through a key-value cache (`cached_features`)
   output: str = "free"
+  init_depth: int = 1             # "gpt" init: the number of layers L in 0.02 / sqrt(2 L)
 
   @nn.compact
   def __call__(self, z, return_weights: bool = False, key_mask=None):
@@ -123,6 +125,9 @@ class MSSA(nn.Module, kw_only=True):
     if self.init == "xavier":
       inits = (L.xavier_uniform_init(d, inner), L.xavier_uniform_init(inner, d),
                nn.initializers.zeros)
+    elif self.init == "gpt":
+      inits = (nn.initializers.normal(0.02),
+               nn.initializers.normal(0.02 / (2 * self.init_depth) ** 0.5), nn.initializers.zeros)
     else:
       inits = (None, None, None)
     U = L.heads_kernel(self, "U", (d, self.heads, self.dim_head), d, inits[0])
@@ -163,7 +168,8 @@ class CRATELayer(nn.Module, kw_only=True):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   return_weights: bool = False
-  mssa_init: str = "torch"
+  mssa_init: str = "torch"        # MSSA.init: "torch", "xavier" or "gpt"
+  mssa_init_depth: int = 1        # MSSA.init_depth ("gpt" init only)
   mssa_output: str = "free"       # or "tied": U itself projects back (MSSA.output)
   dropout: float = 0.0            # on the MSSA output (the official to_out Dropout; 0 there)
   deterministic: bool = True      # False while training: dropout and stochastic depth act
@@ -179,7 +185,8 @@ class CRATELayer(nn.Module, kw_only=True):
     attn_out, features, weights = MSSA(
         dim=self.dim, heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
         attention_impl=self.attention_impl, init=self.mssa_init, causal=self.causal,
-        decode=self.decode, output=self.mssa_output, name="mssa")(
+        decode=self.decode, output=self.mssa_output, init_depth=self.mssa_init_depth,
+        name="mssa")(
             normed, return_weights=self.return_weights, key_mask=key_mask)
     if self.dropout > 0:
       attn_out = nn.Dropout(rate=self.dropout)(attn_out, deterministic=self.deterministic)

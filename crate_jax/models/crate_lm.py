@@ -5,23 +5,34 @@ BERT baselines of the same size, one module `TextModel` with a `block` switch.
   Z^0 = E[x] + P[:T]                                            (B, T, d)
   Z^{l+1} = f_l(Z^l)      block "crate":       ISTA(LN(Z + MSSA(LN Z)))  (crate.CRATELayer)
                           block "transformer": pre-norm MHSA + GELU MLP  (vit.ViTBlock)
-  logits = LN(Z^L) E^T    (tied head; untied: LN(Z^L) W_head)           (B, T, V)
+  logits = N(Z^L) E^T     N = LN if final_norm else identity; untied: N(Z^L) W_head   (B, T, V)
 
 With `causal` every attention lets token i see tokens j <= i only (GPT); the mask is applied in
 `layers.attention`, the core every family uses, so the fused and the weights-returning paths agree.
 
-What comes from the paper and what is ours. The long-form CRATE paper (arXiv 2311.13110) reports
-CRATE-BERT (masked LM, BERT's recipe) and CRATE-GPT (next-token LM, GPT-2's recipe) built from the
-*unchanged* CRATE layer: tied-projection MSSA, then one ISTA step with a square dictionary and no
-residual around it; sizes those of BERT-base / GPT-2 small (d = 768, 12 layers, 12 heads) and
-their baselines' embeddings (learned absolute positions, an LM head over the token embedding).
-The language sections' text was not retrievable from this machine, so these points rest on the
-paper's summary and the project's reference spec (section 5.3); everything below is ours and
-flagged as such in the code: eta = lambda = 0.1 (the vision default), N(0, 0.02) token and
-position embeddings (GPT-2's), a final LayerNorm before a head tied to the token embedding
-(`tie_embeddings`, GPT-2 / BERT practice), the "tiny" sizes, the vocabulary defaults (GPT-2's
-50,257 padded to 50,304; BERT's 30,522; the byte tokenizer's 259 for tiny models), and the
-key-value cache for generation (one cache, since q = k = v).
+Where each choice comes from.
+  From the official CRATE-GPT (Ma-Lab-Berkeley/CRATE, model/crate_gpt.py: nanoGPT with CRATE
+  blocks), followed by the crate_gpt_* models: pre-norm LayerNorms (eps 1e-5, with bias); MSSA
+  with one bias-free d x d projection used as q = k = v, scaled by dim_head^-1/2, causal, and an
+  output projection with bias; one ISTA step Z <- ReLU(Z + eta (D^T Z - D^T D Z) - eta lambda)
+  with a d x d dictionary, eta = lambda = 0.1 and NO residual around it; token + learned
+  position embeddings ~ N(0, 0.02); NO final LayerNorm (final_norm=False); a bias-free head tied
+  to the token embedding; the init (mssa_init="gpt": U ~ N(0, 0.02), W_out ~ N(0, 0.02 /
+  sqrt(2 L)), zero biases; D kaiming-uniform); the sizes (d, layers, heads) = (768, 12, 12)
+  "crate" = crate_gpt_small, (1024, 24, 16) "crate-medium" = crate_gpt_medium, (1280, 36, 20)
+  "crate-large" = crate_gpt_large, (1600, 48, 25) "crate-xl" = crate_gpt_xl (those of GPT-2,
+  whose sizes the gpt_* baselines take); GPT-2's vocabulary 50,257 padded to 50,304 and 1,024
+  positions; no dropout; AdamW with weight decay on matrices only (configs: decay_mask="kernels").
+  From the long-form paper (arXiv 2311.13110): only that CRATE-BERT / CRATE-GPT are trained as
+  masked / causal LMs and compared with BERT / GPT-2 of the same size; its language sections
+  could not be read here (only the abstract is stored), so nothing here is checked against them.
+  CRATE-BERT has NO official code: crate_bert_* reuse the CRATE-GPT layer without the causal
+  mask (ours), with BERT's sizes (768, 12, 12) / (1024, 24, 16), 30,522 WordPiece vocabulary and
+  512 positions, a final LayerNorm as BERT has, and nn.Linear-default MSSA init (ours).
+  From GPT-2 / BERT: the baselines' final LayerNorm. Ours: the baselines' ViT-block init; the
+  ISTA step computed as D^T (Z - D Z) (two matmuls, the same value); the "tiny" / "mini" sizes
+  and the byte vocabulary (259) of tiny models; the classifier (mean over non-pad tokens, pad
+  keys masked); the key-value cache for generation (one cache, q = k = v).
 """
 from __future__ import annotations
 
@@ -40,9 +51,12 @@ BLOCKS = ("crate", "transformer")
 BYTE_VOCAB = 259          # 256 bytes + end-of-document, mask, pad (crate_jax.data.tokenizers)
 GPT2_VOCAB = 50_304       # GPT-2's 50,257 BPE tokens padded to a multiple of 64 (ours)
 BERT_VOCAB = 30_522       # BERT's WordPiece vocabulary
-# size name -> (dim, depth, heads); dim_head = dim // heads.
-LM_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "small": (768, 12, 12),
-            "base": (768, 12, 12), "medium": (1024, 24, 16), "large": (1024, 24, 16)}
+# size name -> (dim, depth, heads); dim_head = dim // heads. GPT: the official CRATE-GPT /
+# GPT-2 sizes ("crate", "crate-medium", "crate-large", "crate-xl"); BERT: BERT's base / large.
+GPT_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "small": (768, 12, 12),
+             "medium": (1024, 24, 16), "large": (1280, 36, 20), "xl": (1600, 48, 25)}
+BERT_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "base": (768, 12, 12),
+              "large": (1024, 24, 16)}
 
 
 def check_tokens(tokens: jax.Array, max_len: int) -> int:
@@ -76,7 +90,7 @@ class TextModel(nn.Module, kw_only=True):
   `return_intermediates=True` it returns (logits, out): out has each layer's intermediates
   stacked over layers (for "crate": normed, features, attention, mssa, codes as `CRATE`; for
   "transformer": attention, blocks), tokens (B, T, d) = last layer output and pre_logits =
-  the final LayerNorm of it. decode=True runs CRATE's MSSA through a key-value cache (init it
+  the final LayerNorm of it (Z^L itself when final_norm=False). decode=True runs CRATE's MSSA through a key-value cache (init it
   with a (B, cache_len) batch, then feed new tokens; `crate_jax.generate`).
   """
   vocab_size: int = BYTE_VOCAB
@@ -88,9 +102,11 @@ class TextModel(nn.Module, kw_only=True):
   block: str = "crate"
   causal: bool = True             # GPT: causal; BERT: bidirectional
   mlp_ratio: int = 4              # "transformer" blocks only
-  eta: float = 0.1                # "crate" blocks: ISTA step size (ours: the vision default)
-  lambd: float = 0.1              # "crate" blocks: ISTA sparsity penalty (ours)
-  tie_embeddings: bool = True     # head = token embedding^T (GPT-2 / BERT practice)
+  eta: float = 0.1                # "crate" blocks: ISTA step size (official vision default)
+  lambd: float = 0.1              # "crate" blocks: ISTA sparsity penalty (same)
+  tie_embeddings: bool = True     # head = token embedding^T (official CRATE-GPT, GPT-2, BERT)
+  final_norm: bool = True         # LN before the head (GPT-2 / BERT); the official CRATE-GPT: none
+  mssa_init: str = "torch"        # "crate" blocks: MSSA.init ("gpt": the official CRATE-GPT's)
   dtype: Dtype = jnp.float32
   remat: bool | str = False
   scan_layers: bool = False
@@ -137,7 +153,8 @@ class TextModel(nn.Module, kw_only=True):
     if self.block == "crate":
       return L.layer_stack(CRATELayer, z, dim=self.dim, heads=self.heads,
                            dim_head=self.dim_head, eta=self.eta, lambd=self.lambd,
-                           decode=self.decode, **common)
+                           decode=self.decode, mssa_init=self.mssa_init,
+                           mssa_init_depth=self.depth, **common)
     if self.decode:
       raise ValueError("decode=True (key-value cache) is implemented for CRATE blocks only; "
                        "generate with the transformer baseline without the cache")
@@ -148,6 +165,10 @@ class TextModel(nn.Module, kw_only=True):
   def __call__(self, tokens, *, train: bool = False, return_intermediates: bool = False):
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    if not self.final_norm and "final_norm" in self.variables.get("params", {}):
+      raise ValueError("the parameters hold a final LayerNorm 'final_norm' but the model was "
+                       "built with final_norm=False (a crate_gpt_* checkpoint from before the "
+                       "official model): build it with final_norm=True")
     tokens = jnp.asarray(tokens).astype(jnp.int32)
     z, emb = self.embed(tokens)
     if self.emb_dropout > 0:
@@ -156,7 +177,7 @@ class TextModel(nn.Module, kw_only=True):
     # tasks read packed sequences without padding).
     key_mask = tokens != self.pad_id if self.num_classes > 0 else None
     z, out = self.run_layers(z, train=train, collect=return_intermediates, key_mask=key_mask)
-    normed = L.layer_norm("final_norm", self.dtype)(z)
+    normed = L.layer_norm("final_norm", self.dtype)(z) if self.final_norm else z
     if self.num_classes > 0:
       return self.classify(normed, tokens, out if return_intermediates else None, z)
     if self.tie_embeddings:
@@ -171,7 +192,7 @@ class TextModel(nn.Module, kw_only=True):
     return logits, dict(out, tokens=z, pre_logits=normed)
 
   def classify(self, normed, tokens, out, z):
-    """Sequence classification (ours): the mean of LN(Z^L) over the non-pad tokens, then a
+    """Sequence classification (ours): the mean of N(Z^L) over the non-pad tokens, then a
     linear classifier "classifier" -> (B, num_classes). The warm start from a CRATE-BERT
     checkpoint loads everything else (`init_from`); no token attends to a pad token, so the
     logits do not depend on how much padding follows the text."""
@@ -195,11 +216,14 @@ class TextModel(nn.Module, kw_only=True):
 
 def lm_kwargs(size: str, *, block: str, causal: bool) -> dict:
   """Registry defaults of a size: GPT-like (causal) models get GPT-2's context and vocabulary,
-  BERT-like ones BERT's; tiny ones the byte vocabulary and 128 positions (ours)."""
-  dim, depth, heads = LM_SIZES[size]
+  BERT-like ones BERT's; tiny ones the byte vocabulary and 128 positions (ours). CRATE-GPT
+  follows the official model: no final LayerNorm, GPT-2's MSSA init."""
+  dim, depth, heads = (GPT_SIZES if causal else BERT_SIZES)[size]
+  official_gpt = block == "crate" and causal
   if size == "tiny":
     vocab, max_len = BYTE_VOCAB, 128
   else:
     vocab, max_len = (GPT2_VOCAB, 1024) if causal else (BERT_VOCAB, 512)
   return dict(vocab_size=vocab, max_len=max_len, dim=dim, depth=depth, heads=heads,
-              dim_head=dim // heads, block=block, causal=causal)
+              dim_head=dim // heads, block=block, causal=causal, final_norm=not official_gpt,
+              **(dict(mssa_init="gpt") if official_gpt else {}))

@@ -131,3 +131,76 @@ def test_classifier_logits_do_not_depend_on_padding(block, scan):
   np.testing.assert_allclose(short, long, atol=1e-5, rtol=1e-5)
   attended = np.asarray(model.apply({"params": params}, padded(40).at[:, -1].set(7)))
   assert np.abs(attended - long).max() > 1e-4  # a real token there does change them
+
+
+def _official_gpt_forward(params, tokens, heads, eta=0.1, lambd=0.1):
+  """The official CRATE-GPT forward, written from its equations in float64: pre-norm LayerNorms,
+  causal MSSA with q = k = v = U^T z, W_out + b_out, then ISTA without residual, no final LN, a
+  head tied to the token embedding."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def ln(x, q):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+  t = tokens.shape[1]
+  z = p["embedding"][np.asarray(tokens)] + p["pos_embedding"][:t]
+  later = np.triu(np.ones((t, t), bool), 1)
+  for i in range(len([k for k in p if k.startswith("layer_")])):
+    q = p[f"layer_{i}"]
+    w = np.einsum("bnd,dhp->bhnp", ln(z, q["norm_mssa"]), q["mssa"]["U"])
+    s = np.where(later, -np.inf, w @ np.swapaxes(w, -1, -2) / np.sqrt(w.shape[-1]))
+    a = np.exp(s - s.max(-1, keepdims=True))
+    heads_out = (a / a.sum(-1, keepdims=True)) @ w
+    z = z + np.einsum("bhnp,hpd->bnd", heads_out, q["mssa"]["out_kernel"]) + q["mssa"]["out_bias"]
+    x, D = ln(z, q["norm_ista"]), q["ista"]["D"]
+    z = np.maximum(x + eta * (x @ D - (x @ D.T) @ D) - eta * lambd, 0.0)
+  assert heads == q["mssa"]["U"].shape[1]
+  return z @ p["embedding"].T
+
+
+def test_crate_gpt_registry_models_follow_the_official_model():
+  """crate_gpt_*: no final LayerNorm (the baselines and CRATE-BERT keep theirs), GPT-2's init
+  (U ~ N(0, 0.02), W_out ~ N(0, 0.02 / sqrt(2 L)), zero b_out, kaiming-uniform D, N(0, 0.02)
+  embeddings), and logits equal to the official forward computed in float64."""
+  model = models.get("crate_gpt_tiny", max_len=16)
+  tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, model.vocab_size)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  assert "final_norm" not in params
+  for name in ("gpt_tiny", "crate_bert_tiny", "bert_tiny"):
+    shapes = jax.eval_shape(models.get(name).init, jax.random.key(0), tokens)["params"]
+    assert "final_norm" in shapes, name
+  d, depth = model.dim, model.depth
+  mssa = params["layer_0"]["mssa"]
+  np.testing.assert_allclose(np.std(mssa["U"]), 0.02, rtol=0.1)
+  np.testing.assert_allclose(np.std(mssa["out_kernel"]), 0.02 / np.sqrt(2 * depth), rtol=0.1)
+  assert float(jnp.abs(mssa["out_bias"]).max()) == 0.0
+  bound = np.sqrt(6.0 / d)
+  D = np.asarray(params["layer_1"]["ista"]["D"])
+  assert np.abs(D).max() <= bound and np.std(D) > 0.9 * bound / np.sqrt(3)
+  np.testing.assert_allclose(np.std(params["embedding"]), 0.02, rtol=0.1)
+  logits = np.asarray(model.apply({"params": params}, tokens), np.float64)
+  ref = _official_gpt_forward(params, tokens, model.heads)
+  np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_official_crate_gpt_sizes_in_the_registry():
+  """crate / crate-medium / crate-large / crate-xl = crate_gpt_{small,medium,large,xl}."""
+  for name, (dim, depth, heads) in {"small": (768, 12, 12), "medium": (1024, 24, 16),
+                                    "large": (1280, 36, 20), "xl": (1600, 48, 25)}.items():
+    kw = models.variant_kwargs(f"crate_gpt_{name}")
+    assert (kw["dim"], kw["depth"], kw["heads"], kw["dim_head"]) == (dim, depth, heads, 64)
+    assert (kw["vocab_size"], kw["max_len"]) == (50_304, 1024)
+    assert models.variant_kwargs(f"gpt_{name}")["dim"] == dim
+  assert models.variant_kwargs("crate_bert_large")["dim"] == 1024
+
+
+def test_final_norm_parameters_without_final_norm_are_one_clear_error():
+  """Parameters with a final LayerNorm (crate_gpt_* before the official model) are refused by a
+  model built without one, instead of silently skipping it."""
+  with_norm, params = _build("crate", True)
+  assert "final_norm" in params
+  without = models.TextModel(**SMALL, block="crate", causal=True, final_norm=False)
+  with pytest.raises(ValueError, match="final_norm=True"):
+    without.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))

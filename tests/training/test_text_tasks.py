@@ -98,15 +98,17 @@ def _config(data_dir, model, task, steps):
 
 
 def test_loop_learns_crate_gpt_and_crate_bert(mock_dir, tmp_path):
-  """40 steps on tfds tiny_shakespeare (mock data: random words over a small alphabet) take
+  """80 steps on tfds tiny_shakespeare (mock data: random words over a small alphabet) take
   CRATE-GPT's next-byte loss far below uniform (ln 259 = 5.56 nats), and CRATE-BERT's masked
-  loss too; perplexity, bits per byte, tokens/s and the white-box metrics are logged."""
+  loss too; perplexity, bits per byte, tokens/s and the white-box metrics are logged.
+  (80 steps, 40 before: the official CRATE-GPT, without a final LayerNorm and with GPT-2's
+  small MSSA init, starts slower; 40 steps reached 3.57 nats.)"""
   import tensorflow_datasets as tfds
   from crate_jax import train
   from crate_jax.data import text
   text._STREAMS.clear()  # pylint: disable=protected-access
   with tfds.testing.mock_data(num_examples=N_DOCS, data_dir=mock_dir):
-    out = train.train_and_evaluate(_config(mock_dir, "crate_gpt_tiny", "lm", 40),
+    out = train.train_and_evaluate(_config(mock_dir, "crate_gpt_tiny", "lm", 80),
                                    str(tmp_path / "gpt"))
     bert = train.train_and_evaluate(_config(mock_dir, "crate_bert_tiny", "mlm", 20),
                                     str(tmp_path / "bert"))
