@@ -124,6 +124,19 @@ def build_model(config, image_size: int):
   return model
 
 
+def checkpoint_params(config, model, abstract_params, checkpoint: str):
+  """(params, meta, weights) of the checkpoint fitted to `model`. weights names what was loaded:
+  task="dino" -> "teacher" (the EMA backbone; the student and the projection head "dino_head"
+  are left out: the teacher's features are what DINO evaluates); else "ema" (config.eval_ema
+  with an ema_decay) or "params"."""
+  dino = config.task == "dino"
+  ema = dino or (config.ema_decay > 0 and config.eval_ema)
+  params, meta = ckpt_lib.load_params_for(
+      abstract_params, checkpoint, adapt=functools.partial(models.adapt_params, model),
+      ema=ema, drop_extra=dino)
+  return params, meta, "teacher" if dino else ("ema" if ema else "params")
+
+
 # --------------------------------------------------------------------------------- analysis
 def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray | None = None,
             split: str | None = None, num_images: int = 8, layer: int = -1,
@@ -158,9 +171,7 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   normalised = (shown - mean) / std
 
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta = ckpt_lib.load_params_for(
-      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model),
-      ema=config.ema_decay > 0 and config.eval_ema)
+  params, meta, weights = checkpoint_params(config, model, abstract["params"], checkpoint)
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
   grid = (size // model.patch_size,) * 2
@@ -196,7 +207,7 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
         sub, sub_init, os.path.join(out_dir, "layerwise_subspaces.png"), title=title)
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
-      "image_size": size, "training_image_size": training_image_size(config),
+      "weights": weights, "image_size": size, "training_image_size": training_image_size(config),
       "num_images": len(shown), "images": names, "layer": layer,
       "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
       **_predicted_names(checkpoint, logits),
