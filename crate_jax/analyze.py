@@ -125,16 +125,16 @@ def build_model(config, image_size: int):
 
 
 def checkpoint_params(config, model, abstract_params, checkpoint: str):
-  """(params, meta, weights) of the checkpoint fitted to `model`. weights names what was loaded:
-  task="dino" -> "teacher" (the EMA backbone; the student and the projection head "dino_head"
-  are left out: the teacher's features are what DINO evaluates); else "ema" (config.eval_ema
-  with an ema_decay) or "params"."""
+  """(params, meta, weights) of the checkpoint fitted to `model`, chosen as `evaluate --protocol
+  knn|linear` chooses them: the weight EMA when config.eval_ema (with an ema_decay), which for
+  task="dino" is the teacher, with top-level subtrees the backbone lacks (DINO's projection head
+  "dino_head") left out. weights names what was loaded: "teacher", "ema", "student" or "params"."""
   dino = config.task == "dino"
-  ema = dino or (config.ema_decay > 0 and config.eval_ema)
+  ema = config.ema_decay > 0 and config.eval_ema
   params, meta = ckpt_lib.load_params_for(
       abstract_params, checkpoint, adapt=functools.partial(models.adapt_params, model),
       ema=ema, drop_extra=dino)
-  return params, meta, "teacher" if dino else ("ema" if ema else "params")
+  return params, meta, ("teacher" if ema else "student") if dino else ("ema" if ema else "params")
 
 
 # --------------------------------------------------------------------------------- analysis

@@ -151,6 +151,11 @@ def test_segmentation_scores_the_teacher(tmp_path, whole_run):
   student = {k: v for k, v in state["params"].items() if k != "dino_head"}
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student),
                                                       jax.tree.leaves(teacher)))
+  cfg_student = cfg.copy_and_resolve_references()
+  cfg_student.eval_ema = False  # then the student, as evaluate --protocol knn picks it
+  got, _, weights = analyze.checkpoint_params(cfg_student, model, abstract, whole)
+  assert weights == "student" and "dino_head" not in got
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), student)
   out = str(tmp_path / "seg")
   report = analyze_segment.segment_analysis(cfg, whole, out, num_images=8)["report"]
   assert report["weights"] == "teacher" and report["step"] == 3
