@@ -6,8 +6,9 @@ the checkpoint and for the same model at random initialisation, beside trivial b
       --checkpoint workdirs/embedded --out analysis [--num-images 500] [--layer -1] \
       [--seg_methods attention,pca,maskcut] [--seg_share 0.6] [--seg_tau 0.2] [--seg_objects 1]
 
-A task="dino" checkpoint is scored on its teacher's backbone (the EMA; neither the student nor
-the projection head), like `evaluate --protocol knn|linear`; the report's "weights" says which.
+A task="dino" checkpoint is scored on its teacher's backbone (the EMA, with config.eval_ema as
+dino_config sets it; never the projection head), like `evaluate --protocol knn|linear`; the
+report's "weights" says which.
 Writes segmentation.{json,csv,png} and segmentation_overlay_layerLL.png into --out.
 """
 from __future__ import annotations
