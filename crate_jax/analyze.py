@@ -124,6 +124,19 @@ def build_model(config, image_size: int):
   return model
 
 
+def checkpoint_params(config, model, abstract_params, checkpoint: str):
+  """(params, meta, weights) of the checkpoint fitted to `model`, chosen as `evaluate --protocol
+  knn|linear` chooses them: the weight EMA when config.eval_ema (with an ema_decay), which for
+  task="dino" is the teacher, with top-level subtrees the backbone lacks (DINO's projection head
+  "dino_head") left out. weights names what was loaded: "teacher", "ema", "student" or "params"."""
+  dino = config.task == "dino"
+  ema = config.ema_decay > 0 and config.eval_ema
+  params, meta = ckpt_lib.load_params_for(
+      abstract_params, checkpoint, adapt=functools.partial(models.adapt_params, model),
+      ema=ema, drop_extra=dino)
+  return params, meta, ("teacher" if ema else "student") if dino else ("ema" if ema else "params")
+
+
 # --------------------------------------------------------------------------------- analysis
 def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray | None = None,
             split: str | None = None, num_images: int = 8, layer: int = -1,
@@ -158,9 +171,7 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   normalised = (shown - mean) / std
 
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta = ckpt_lib.load_params_for(
-      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model),
-      ema=config.ema_decay > 0 and config.eval_ema)
+  params, meta, weights = checkpoint_params(config, model, abstract["params"], checkpoint)
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
   grid = (size // model.patch_size,) * 2
@@ -196,7 +207,7 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
         sub, sub_init, os.path.join(out_dir, "layerwise_subspaces.png"), title=title)
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
-      "image_size": size, "training_image_size": training_image_size(config),
+      "weights": weights, "image_size": size, "training_image_size": training_image_size(config),
       "num_images": len(shown), "images": names, "layer": layer,
       "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
       **_predicted_names(checkpoint, logits),

@@ -6,12 +6,14 @@ the checkpoint and for the same model at random initialisation, beside trivial b
       --checkpoint workdirs/embedded --out analysis [--num-images 500] [--layer -1] \
       [--seg_methods attention,pca,maskcut] [--seg_share 0.6] [--seg_tau 0.2] [--seg_objects 1]
 
+A task="dino" checkpoint is scored on its teacher's backbone (the EMA, with config.eval_ema as
+dino_config sets it; never the projection head), like `evaluate --protocol knn|linear`; the
+report's "weights" says which.
 Writes segmentation.{json,csv,png} and segmentation_overlay_layerLL.png into --out.
 """
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 
@@ -20,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import analyze as analyze_lib
-from crate_jax import models
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.whitebox import segment, segscore
 
@@ -105,9 +106,8 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
   size = analyze_lib.training_image_size(config)
   images, gt = images_and_truth(config, split, num_images)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta = ckpt_lib.load_params_for(
-      abstract["params"], checkpoint, adapt=functools.partial(models.adapt_params, model),
-      ema=config.ema_decay > 0 and config.eval_ema)
+  params, meta, weights = analyze_lib.checkpoint_params(config, model, abstract["params"],
+                                                        checkpoint)
   random = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
   kw = dict(methods=methods, share=share, tau=tau, num_objects=num_objects, upsampling=upsampling)
   fn = jax.jit(lambda p, x, g: segscore.segmentation_ious(model, p, x, g, **kw))
@@ -138,7 +138,8 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   paths["csv"] = _write_csv(rows, os.path.join(out_dir, "segmentation.csv"))
-  title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))}: "
+  title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))} "
+           f"({weights}): "
            f"{len(images)} {config.data.name}:{split} images")
   paths["png"] = figures.segmentation_figure(
       {m: [e[m] for e in layers] for m in methods}, base,
@@ -148,7 +149,7 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
                              os.path.join(out_dir, f"segmentation_overlay_layer{layer:02d}.png"))
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
-      "dataset": config.data.name, "split": split, "num_images": len(images),
+      "weights": weights, "dataset": config.data.name, "split": split, "num_images": len(images),
       "image_size": size, "foreground_fraction": float(gt.mean()), "methods": list(methods),
       "share": share, "tau": tau, "num_objects": num_objects, "upsampling": upsampling,
       "random_init_seed": seed, "baselines": base, "layers": layers,

@@ -329,7 +329,12 @@ def dino_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   ViT-S/16 (their choices: AdamW lr 5e-4 x batch / 256, wd 0.04, 100 epochs, 10 warm-up, K =
   65536, head 2048 / 256, student temperature 0.1, teacher 0.04 -> 0.07 over 30 epochs, centre
   momentum 0.9, teacher momentum 0.996 -> 1, 2 x 224 global + 10 x 96 local crops, clip 3).
-  config.ema_decay is the teacher's base momentum; eval_ema scores the teacher."""
+  config.ema_decay is the teacher's base momentum; eval_ema scores the teacher. Departures from
+  facebookresearch/dino (ours, for the shared loop): weight decay constant 0.04 on every leaf
+  (DINO: cosine 0.04 -> 0.4, biases and norms exempt), no stochastic depth (DINO: 0.1 on the
+  student), cosine to lr 0 (DINO: 1e-6), prototypes always weight-normalised (DINO's
+  norm_last_layer, which its code advises turning off for ViT-S), 10 local crops (the code's
+  default is 8), bfloat16 compute (DINO: fp16 autocast)."""
   c = base_config(model)
   c.task = "dino"
   c.label_smoothing = 0.0

@@ -7,9 +7,12 @@ the loss is the cross-entropy H(P_t(x_i), P_s(x_j)) = -sum_k P_t,k log P_s,k ave
 pair of a teacher global view i and a student view j != i; the centre is an EMA of the teacher's
 batch mean, c <- m c + (1 - m) mean_b g_t (m = 0.9); tau_s = 0.1; tau_t warms up linearly from
 0.04 to its final value (0.04 - 0.07) over the first epochs; the teacher momentum follows a
-cosine from 0.996 to 1. The long-form CRATE paper (arXiv 2311.13110) trains CRATE with this same
-recipe, the backbone swapped. Our choices: the schedules are per step (DINO steps the momentum
-per iteration too, the temperature per epoch); the collapse metrics below.
+cosine from 0.996 to 1 (checked against the paper and facebookresearch/dino's main_dino.py: its
+DINOLoss skips the pairs i == j and divides by the number of pairs, as here). The long-form
+CRATE paper (arXiv 2311.13110) reports CRATE trained with DINO, the backbone swapped; its
+hyper-parameters could not be read here (only its abstract was found), so nothing below is
+taken from it. Our choices: the temperature schedule is per step (DINO: per epoch; the momentum
+is per iteration in both); the collapse metrics below.
 """
 from __future__ import annotations
 

@@ -94,10 +94,17 @@ def _state(workdir):
     return reader.restore_host(step)[0]
 
 
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, data_dir):
+  """(config, workdir) of one uninterrupted tiny DINO run, shared by the tests below."""
   cfg = dino_tiny(data_dir)
-  whole = str(tmp_path / "whole")
+  whole = str(tmp_path_factory.mktemp("dino") / "whole")
   train.train_and_evaluate(cfg, whole)
+  return cfg, whole
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
+  cfg, whole = whole_run
 
   def preempt(step, state):
     if step == 1:
@@ -127,3 +134,34 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
       os.path.join(whole, "metrics.jsonl")) if "train/loss" in r]
   assert {"train/teacher_entropy", "train/teacher_kl_uniform",
           "train/teacher_collapsed"} <= set(rows[-1])
+
+
+def test_segmentation_scores_the_teacher(tmp_path, whole_run):
+  """analyze --segment on a DINO checkpoint loads the teacher's backbone (not the student, not
+  the projection head) and scores it per layer and method beside random init and baselines."""
+  from crate_jax import analyze, analyze_segment
+  cfg, whole = whole_run
+  state = _state(whole)
+  model = analyze.build_model(cfg, 28)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
+  params, _, weights = analyze.checkpoint_params(cfg, model, abstract, whole)
+  assert weights == "teacher" and "dino_head" not in params
+  teacher = {k: v for k, v in state["ema_params"].items() if k != "dino_head"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), teacher)
+  student = {k: v for k, v in state["params"].items() if k != "dino_head"}
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student),
+                                                      jax.tree.leaves(teacher)))
+  cfg_student = cfg.copy_and_resolve_references()
+  cfg_student.eval_ema = False  # then the student, as evaluate --protocol knn picks it
+  got, _, weights = analyze.checkpoint_params(cfg_student, model, abstract, whole)
+  assert weights == "student" and "dino_head" not in got
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), student)
+  out = str(tmp_path / "seg")
+  report = analyze_segment.segment_analysis(cfg, whole, out, num_images=8)["report"]
+  assert report["weights"] == "teacher" and report["step"] == 3
+  assert len(report["layers"]) == TINY_ARCH["depth"]
+  for entry in report["layers"]:
+    for m in ("attention", "pca", "maskcut"):
+      assert 0.0 <= entry[m] <= 1.0 and 0.0 <= entry[f"{m}_random_init"] <= 1.0
+  assert {"centred_box", "all_foreground"} <= set(report["baselines"])
+  assert os.path.exists(os.path.join(out, "segmentation.csv"))
