@@ -23,13 +23,8 @@ ATTN, ISTA = "MultiHeadDotProductSubspaceAttention_0", "OvercompleteISTABlock_0"
 
 def alpha_key_map(depth: int, heads: int, dim_head: int):
   """torch key -> (flax path, torch->flax transform, flax->torch transform)."""
-  same = (lambda x: x, lambda x: x)
-  t = (lambda x: x.T, lambda x: x.T)
-  conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
-  qkv = (lambda w: w.T.reshape(w.shape[1], heads, dim_head),        # (h p, d) <-> (d, h, p)
-         lambda k: k.reshape(k.shape[0], -1).T)
-  out = (lambda w: w.T.reshape(heads, dim_head, w.shape[0]),        # (d, h p) <-> (h, p, d)
-         lambda k: k.reshape(-1, k.shape[-1]).T)
+  same, t, conv = torch_keys.SAME, torch_keys.TRANSPOSE, torch_keys.CONV
+  qkv, out = torch_keys.heads_in(heads, dim_head), torch_keys.heads_out(heads, dim_head)
   m = {"conv1.weight": (("embedding", "kernel"), *conv),
        "conv1.bias": (("embedding", "bias"), *same),
        "cls_token": (("cls",), *same),
@@ -64,9 +59,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected, *, depth: int, heads:
 
 def flax_to_torch(params, *, depth: int, heads: int, dim_head: int) -> dict[str, np.ndarray]:
   """Inverse of `torch_to_flax` (the port's state dict, strict-loadable)."""
-  return {k: np.ascontiguousarray(np.asarray(b(np.asarray(torch_keys._leaf(params, p),
-                                                              np.float32))))
-          for k, (p, _, b) in alpha_key_map(depth, heads, dim_head).items()}
+  return torch_keys.to_torch(params, alpha_key_map(depth, heads, dim_head))
 
 
 def _paths(tree, prefix=()):

@@ -64,17 +64,14 @@ def torch_state_dict(model, params) -> dict[str, np.ndarray]:
   from either layer layout (a run with scan_layers saves the layers stacked)."""
   params = models.scan_layout(jax.device_get(params), False)
   if isinstance(model, models.CRATEMAE):
-    if model.image_size is None:
-      raise ExportError("the CRATE-MAE layout stores (N+1)-row position tables; this checkpoint's "
-                        "model has image_size=None")
-    return mae_keys.flax_to_torch(jax.device_get(params), model)
+    return mae_keys.flax_to_torch(params, model)  # its position tables need an image_size
   if isinstance(model, models.CRATEAlpha):
-    return alpha_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
+    return alpha_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                     dim_head=model.dim_head)
   if type(model) is not models.CRATE:
-    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE "
-                      "and CRATE-alpha have one)")
-  return torch_keys.flax_to_torch(jax.device_get(params), depth=model.depth, heads=model.heads,
+    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE, "
+                      "CRATE-alpha and CRATE-MAE have one)")
+  return torch_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                   dim_head=model.dim_head)
 
 

@@ -36,11 +36,8 @@ POS_TOLERANCE = 1e-4  # float32 sin/cos of positions < 1000, computed either way
 
 def _mssa_maps(t: str, f: tuple[str, ...], heads: int, dim_head: int):
   """MSSA (PreNorm(Attention) at torch prefix t) <-> flax subtree f's norm_mssa / mssa."""
-  same = (lambda x: x, lambda x: x)
-  qkv = (lambda w: w.T.reshape(w.shape[1], heads, dim_head),        # (h p, d) <-> (d, h, p)
-         lambda k: k.reshape(k.shape[0], -1).T)
-  out = (lambda w: w.T.reshape(heads, dim_head, w.shape[0]),        # (d, h p) <-> (h, p, d)
-         lambda k: k.reshape(-1, k.shape[-1]).T)
+  same = torch_keys.SAME
+  qkv, out = torch_keys.heads_in(heads, dim_head), torch_keys.heads_out(heads, dim_head)
   return {f"{t}.norm.weight": ((*f, "norm_mssa", "scale"), *same),
           f"{t}.norm.bias": ((*f, "norm_mssa", "bias"), *same),
           f"{t}.fn.qkv.weight": ((*f, "mssa", "U"), *qkv),
@@ -50,9 +47,7 @@ def _mssa_maps(t: str, f: tuple[str, ...], heads: int, dim_head: int):
 
 def mae_key_map(model) -> dict:
   """torch key -> (flax path, torch->flax transform, flax->torch transform) for a CRATEMAE."""
-  same = (lambda x: x, lambda x: x)
-  t = (lambda x: x.T, lambda x: x.T)
-  conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+  same, t, conv = torch_keys.SAME, torch_keys.TRANSPOSE, torch_keys.CONV
   m = {"patch_embed.proj.weight": (("encoder", "patch_embed", "kernel"), *conv),
        "patch_embed.proj.bias": (("encoder", "patch_embed", "bias"), *same),
        "cls_token": (("encoder", "cls_token"), *same),
@@ -120,6 +115,4 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected, model) -> dict[str, A
 
 def flax_to_torch(params, model) -> dict[str, np.ndarray]:
   """Inverse of `torch_to_flax` plus the `fixed_tensors` (strict-loadable by the official class)."""
-  out = {k: np.ascontiguousarray(np.asarray(b(np.asarray(torch_keys._leaf(params, p), np.float32))))
-         for k, (p, _, b) in mae_key_map(model).items()}
-  return {**out, **fixed_tensors(model)}
+  return {**torch_keys.to_torch(params, mae_key_map(model)), **fixed_tensors(model)}

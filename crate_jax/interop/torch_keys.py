@@ -5,58 +5,61 @@ one ValueError naming the key and both shapes, so a bad checkpoint never half-lo
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-Transform = Callable[[np.ndarray], np.ndarray]
+# (torch -> flax, flax -> torch) array transforms, shared by the CRATE, CRATE-alpha and CRATE-MAE
+# key maps: torch key -> (flax path, *pair).
+SAME = (lambda x: x, lambda x: x)
+TRANSPOSE = (lambda x: x.T, lambda x: x.T)                                    # Linear weight
+CONV = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
 
 
-def _same(x):
-  return x
+def heads_in(heads: int, dim_head: int):
+  """A (h p, d) Linear weight into heads <-> (d, h, p) (U, the q = k = v projection)."""
+  return (lambda w: w.T.reshape(w.shape[1], heads, dim_head),
+          lambda k: k.reshape(k.shape[0], -1).T)
 
 
-def _t(x):
-  return x.T
+def heads_out(heads: int, dim_head: int):
+  """A (d, h p) Linear weight out of heads <-> (h, p, d) (MSSA's W_out)."""
+  return (lambda w: w.T.reshape(heads, dim_head, w.shape[0]),
+          lambda k: k.reshape(-1, k.shape[-1]).T)
 
 
 def crate_key_map(depth: int, heads: int, dim_head: int,
-                  include_head: bool = True) -> dict[str, tuple[tuple[str, ...], Transform]]:
-  """torch key -> (flax param path, transform from the torch array to the flax array)."""
-  def qkv(w):  # (h*p, d) -> U (d, h, p)
-    return w.T.reshape(w.shape[1], heads, dim_head)
-
-  def out(w):  # (d, h*p) -> (h, p, d)
-    return w.T.reshape(heads, dim_head, w.shape[0])
-
-  m: dict[str, tuple[tuple[str, ...], Transform]] = {
-      "pos_embedding": (("pos_embedding",), _same),
-      "cls_token": (("cls_token",), _same),
-      "to_patch_embedding.1.weight": (("patch_embed", "patch_norm", "scale"), _same),
-      "to_patch_embedding.1.bias": (("patch_embed", "patch_norm", "bias"), _same),
-      "to_patch_embedding.2.weight": (("patch_embed", "proj", "kernel"), _t),
-      "to_patch_embedding.2.bias": (("patch_embed", "proj", "bias"), _same),
-      "to_patch_embedding.3.weight": (("patch_embed", "embed_norm", "scale"), _same),
-      "to_patch_embedding.3.bias": (("patch_embed", "embed_norm", "bias"), _same),
+                  include_head: bool = True) -> dict[str, tuple]:
+  """torch key -> (flax param path, torch->flax transform, flax->torch transform)."""
+  qkv, out = heads_in(heads, dim_head), heads_out(heads, dim_head)
+  m: dict[str, tuple] = {
+      "pos_embedding": (("pos_embedding",), *SAME),
+      "cls_token": (("cls_token",), *SAME),
+      "to_patch_embedding.1.weight": (("patch_embed", "patch_norm", "scale"), *SAME),
+      "to_patch_embedding.1.bias": (("patch_embed", "patch_norm", "bias"), *SAME),
+      "to_patch_embedding.2.weight": (("patch_embed", "proj", "kernel"), *TRANSPOSE),
+      "to_patch_embedding.2.bias": (("patch_embed", "proj", "bias"), *SAME),
+      "to_patch_embedding.3.weight": (("patch_embed", "embed_norm", "scale"), *SAME),
+      "to_patch_embedding.3.bias": (("patch_embed", "embed_norm", "bias"), *SAME),
   }
   for i in range(depth):
     t, f = f"transformer.layers.{i}", f"layer_{i}"
     m.update({
-        f"{t}.0.norm.weight": ((f, "norm_mssa", "scale"), _same),
-        f"{t}.0.norm.bias": ((f, "norm_mssa", "bias"), _same),
-        f"{t}.0.fn.qkv.weight": ((f, "mssa", "U"), qkv),
-        f"{t}.0.fn.to_out.0.weight": ((f, "mssa", "out_kernel"), out),
-        f"{t}.0.fn.to_out.0.bias": ((f, "mssa", "out_bias"), _same),
-        f"{t}.1.norm.weight": ((f, "norm_ista", "scale"), _same),
-        f"{t}.1.norm.bias": ((f, "norm_ista", "bias"), _same),
-        f"{t}.1.fn.weight": ((f, "ista", "D"), _same),
+        f"{t}.0.norm.weight": ((f, "norm_mssa", "scale"), *SAME),
+        f"{t}.0.norm.bias": ((f, "norm_mssa", "bias"), *SAME),
+        f"{t}.0.fn.qkv.weight": ((f, "mssa", "U"), *qkv),
+        f"{t}.0.fn.to_out.0.weight": ((f, "mssa", "out_kernel"), *out),
+        f"{t}.0.fn.to_out.0.bias": ((f, "mssa", "out_bias"), *SAME),
+        f"{t}.1.norm.weight": ((f, "norm_ista", "scale"), *SAME),
+        f"{t}.1.norm.bias": ((f, "norm_ista", "bias"), *SAME),
+        f"{t}.1.fn.weight": ((f, "ista", "D"), *SAME),
     })
   if include_head:
     m.update({
-        "mlp_head.0.weight": (("head_norm", "scale"), _same),
-        "mlp_head.0.bias": (("head_norm", "bias"), _same),
-        "mlp_head.1.weight": (("head", "kernel"), _t),
-        "mlp_head.1.bias": (("head", "bias"), _same),
+        "mlp_head.0.weight": (("head_norm", "scale"), *SAME),
+        "mlp_head.0.bias": (("head_norm", "bias"), *SAME),
+        "mlp_head.1.weight": (("head", "kernel"), *TRANSPOSE),
+        "mlp_head.1.bias": (("head", "bias"), *SAME),
     })
   return m
 
@@ -97,26 +100,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, Any], *,
   """
   sd = unwrap_state_dict(state_dict)
   key_map = crate_key_map(depth, heads, dim_head, include_head=include_head)
-  missing = [k for k in key_map if k not in sd]
-  unexpected = [k for k in sd if k not in key_map and not k.startswith(ignore)
-                and not (not include_head and k.startswith("mlp_head."))]
-  if missing or unexpected:
-    raise ValueError("state dict does not match the CRATE architecture: "
-                     f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                     f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-  params: dict[str, Any] = {}
-  for key, (path, transform) in key_map.items():
-    src = np.asarray(_to_numpy(sd[key]), dtype=np.float32)
-    want = tuple(_leaf(expected, path).shape)
-    try:
-      value = transform(src)
-    except ValueError as e:
-      raise ValueError(f"tensor {key!r} has shape {src.shape}, which cannot become the Flax leaf "
-                       f"{'/'.join(path)} of shape {want}") from e
-    if value.shape != want:
-      raise ValueError(f"tensor {key!r} has shape {src.shape} (as Flax {value.shape}) but "
-                       f"{'/'.join(path)} expects {want}")
-    _set(params, path, value)
+  sd = {k: v for k, v in sd.items() if not k.startswith(ignore)
+        and (include_head or not k.startswith("mlp_head."))}
+  check_keys(sd, key_map, "state dict", "CRATE")
+  params = fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
   if not include_head:
     for name in ("head_norm", "head"):
       params[name] = {k: np.asarray(v) for k, v in expected[name].items()}
@@ -126,17 +113,13 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, Any], *,
 def flax_to_torch(params: Mapping[str, Any], *, depth: int, heads: int,
                   dim_head: int) -> dict[str, np.ndarray]:
   """Inverse of `torch_to_flax` (for exporting our checkpoints to the PyTorch model)."""
-  out = {}
-  for key, (path, _) in crate_key_map(depth, heads, dim_head).items():
-    v = np.asarray(_leaf(params, path), dtype=np.float32)
-    if path[-1] == "U":
-      v = v.reshape(v.shape[0], -1).T
-    elif path[-1] == "out_kernel":
-      v = v.reshape(-1, v.shape[-1]).T
-    elif path[-1] == "kernel":
-      v = v.T
-    out[key] = np.ascontiguousarray(v)
-  return out
+  return to_torch(params, crate_key_map(depth, heads, dim_head))
+
+
+def to_torch(params: Mapping[str, Any], key_map) -> dict[str, np.ndarray]:
+  """params -> {torch key: array} through a key map's flax->torch transforms."""
+  return {k: np.ascontiguousarray(np.asarray(back(np.asarray(_leaf(params, p), np.float32))))
+          for k, (p, _, back) in key_map.items()}
 
 
 def check_keys(have, want, what: str, arch: str) -> None:
