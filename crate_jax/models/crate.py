@@ -19,11 +19,6 @@ from crate_jax.models import posemb
 Dtype = Any
 
 
-def padding_mask(key_mask: jax.Array) -> jax.Array:
-  """(B, N) keep-flags -> the (B, 1, 1, N) attention mask `layers.attention` broadcasts."""
-  return key_mask[:, None, None, :]
-
-
 def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
          return_weights: bool = False, implementation: str | None = None,
          causal: bool = False, memory=None, key_mask: jax.Array | None = None):
@@ -39,10 +34,9 @@ def mssa(z: jax.Array, U: jax.Array, w_out: jax.Array, b_out: jax.Array, *,
   """
   w = jnp.einsum("bnd,dhp->bnhp", z, U)
   keys, mask = (w, None) if memory is None else memory(w)
-  if key_mask is not None:
-    mask = padding_mask(key_mask) if mask is None else jnp.logical_and(mask, padding_mask(key_mask))
   heads_out, weights = L.attention(w, keys, keys, return_weights=return_weights,
-                                   implementation=implementation, causal=causal, mask=mask)
+                                   implementation=implementation, causal=causal, mask=mask,
+                                   key_mask=key_mask)
   out = jnp.einsum("bnhp,hpd->bnd", heads_out, w_out) + b_out
   return out, w, weights
 

@@ -179,7 +179,7 @@ class TextModel(nn.Module, kw_only=True):
     z, out = self.run_layers(z, train=train, collect=return_intermediates, key_mask=key_mask)
     normed = L.layer_norm("final_norm", self.dtype)(z) if self.final_norm else z
     if self.num_classes > 0:
-      return self.classify(normed, tokens, out if return_intermediates else None, z)
+      return self.classify(normed, key_mask, out if return_intermediates else None, z)
     if self.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", normed, emb.astype(self.dtype))
     else:
@@ -191,12 +191,12 @@ class TextModel(nn.Module, kw_only=True):
       return logits
     return logits, dict(out, tokens=z, pre_logits=normed)
 
-  def classify(self, normed, tokens, out, z):
+  def classify(self, normed, key_mask, out, z):
     """Sequence classification (ours): the mean of N(Z^L) over the non-pad tokens, then a
     linear classifier "classifier" -> (B, num_classes). The warm start from a CRATE-BERT
     checkpoint loads everything else (`init_from`); no token attends to a pad token, so the
     logits do not depend on how much padding follows the text."""
-    keep = (tokens != self.pad_id).astype(normed.dtype)[..., None]
+    keep = key_mask.astype(normed.dtype)[..., None]
     pooled = (normed * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
     logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=nn.initializers.normal(0.02), name="classifier")(pooled)

@@ -99,7 +99,8 @@ PAD_TOKENS_TO = {"cudnn": 16}
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool = False,
               implementation: str | None = None, pad_to: int | None = None,
-              causal: bool = False, mask: jax.Array | None = None):
+              causal: bool = False, mask: jax.Array | None = None,
+              key_mask: jax.Array | None = None):
   """Per head softmax(q_h k_h^T * p^-1/2 + M) v_h for (B, N, heads, p) inputs; returns (out, weights).
 
   The logits and softmax are at least fp32 (float64 inputs stay float64). With return_weights=False
@@ -108,9 +109,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool 
   weights is then None. Subspace attention (MSSA) is the tied case attention(w, w, w).
   Masking (M = 0 where allowed, -inf elsewhere), the same in both paths: causal=True lets query i
   see keys j <= i (square, N_q = N_k); `mask` is a boolean array broadcastable to
-  (B, heads, N_q, N_k), True where a query may attend (e.g. a key-value cache's filled slots).
+  (B, heads, N_q, N_k), True where a query may attend (e.g. a key-value cache's filled slots);
+  `key_mask` (B, N_k) bool, False at padding keys, which no query attends to.
   """
   scale = q.shape[-1] ** -0.5
+  if key_mask is not None:
+    keep = key_mask[:, None, None, :]
+    mask = keep if mask is None else jnp.logical_and(mask, keep)
   if causal and q.shape[1] != k.shape[1]:
     raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and "
                      f"{k.shape[1]} (pass an explicit mask for a key-value cache)")
@@ -226,13 +231,14 @@ def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool |
   on, policy = remat_policy(remat)
   cls = nn.remat(layer_cls, policy=policy, prevent_cse=not scan) if on else layer_cls
   rates = drop_path_rates(drop_path_rate, depth) if drop_path_rate > 0 else None
+  # Call arguments after Z: drop_rate (per layer), then key_mask (the same for every layer);
+  # none when neither is set, drop_rate=None when only key_mask is.
+  tail = () if key_mask is None else (key_mask,)
+  passes_rate = rates is not None or key_mask is not None
   if scan:
-    args, in_axes = (), ()
-    if rates is not None or key_mask is not None:
-      args, in_axes = (None if rates is None else jnp.asarray(rates),), (
-          nn.broadcast if rates is None else 0,)
-    if key_mask is not None:
-      args, in_axes = args + (key_mask,), in_axes + (nn.broadcast,)
+    args = ((None if rates is None else jnp.asarray(rates),) if passes_rate else ()) + tail
+    in_axes = ((0 if rates is not None else nn.broadcast,) if passes_rate else ()) + (
+        (nn.broadcast,) * len(tail))
     stack = nn.scan(cls, variable_axes={"params": 0},
                     split_rngs={"params": True, "dropout": True},
                     in_axes=in_axes or 0, length=depth)(**layer_kwargs, name=scanned_name(name))
@@ -241,11 +247,8 @@ def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool |
   per_layer = []
   for i in range(depth):
     layer = cls(**layer_kwargs, name=name.format(i=i))
-    rate = None if rates is None else float(rates[i])
-    if key_mask is not None:
-      x, inter = layer(x, rate, key_mask)
-    else:
-      x, inter = layer(x) if rates is None else layer(x, rate)
+    rate = (None if rates is None else float(rates[i]),) if passes_rate else ()
+    x, inter = layer(x, *rate, *tail)
     per_layer.append(inter)
   return x, (stack_layers(per_layer) if collect else None)
 

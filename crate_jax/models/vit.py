@@ -38,9 +38,9 @@ class MHSA(nn.Module, kw_only=True):
     d = x.shape[-1]
     qkv = _dense(features=(3, self.heads, self.dim_head), dtype=self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     out, weights = L.attention(q, k, v, return_weights=return_weights,
-                               implementation=self.attention_impl, causal=self.causal, mask=mask)
+                               implementation=self.attention_impl, causal=self.causal,
+                               key_mask=key_mask)
     return _dense(features=d, dtype=self.dtype, name="proj", axis=(-2, -1))(out), weights
 
 
