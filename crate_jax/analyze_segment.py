@@ -181,7 +181,7 @@ def overlay(model, params, config, images, gt, layer, methods, kw, path) -> str:
   """The masks of `layer` over the first few images (upsampled as scored)."""
   from crate_jax.whitebox import figures, stats
   x, g = images[:OVERLAY_IMAGES], gt[:OVERLAY_IMAGES]
-  grid = (x.shape[1] // model.patch_size, x.shape[2] // model.patch_size)
+  grid = segscore.patch_grid(model, x)
 
   @jax.jit
   def masks(p, x):

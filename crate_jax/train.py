@@ -335,13 +335,12 @@ def _whitebox_hook(config, p):
   from jax.experimental import multihost_utils
   from crate_jax.whitebox import stats
   methods = segscore.default_methods(p.model)
-  grid = (images.shape[1] // p.model.patch_size, images.shape[2] // p.model.patch_size)
+  grid = segscore.patch_grid(p.model, images)
   gt = np.asarray(batch["foreground"][:n]).astype(bool)
 
   def sharded(params):
     _, out = stats.intermediates(p.model, params, images)
-    return (whitebox.whitebox_metrics(p.model, params, images),
-            segscore.segmentation_inputs(p.model, out, methods))
+    return stats.metrics_of(p.model, out), segscore.segmentation_inputs(p.model, out, methods)
   first = jax.jit(sharded)
   score = jax.jit(lambda inputs: segscore.segmentation_scalars(p.model, inputs, gt, grid,
                                                                methods=methods))

@@ -51,6 +51,11 @@ def patch_features(model, out) -> jax.Array:
   return x[:, :, 1:]
 
 
+def patch_grid(model, images) -> tuple[int, int]:
+  """(gh, gw): the patch grid of (B, H, W, C) images."""
+  return images.shape[1] // model.patch_size, images.shape[2] // model.patch_size
+
+
 def layer_masks(model, out, grid, *, methods=METHODS, share: float = 0.6, tau: float = 0.2,
                 num_objects: int = 1) -> dict[str, jax.Array]:
   """{method: bool (L, B, gh, gw)} for every layer and image; "attention" adds
@@ -96,7 +101,7 @@ def segmentation_ious(model, params, images, gt, *, methods=METHODS, share: floa
   """{method: per-image IoU (L, B)} (+ "attention_heads" (L, B, K)) of a model on normalised
   images (B, H, W, 3) against gt (B, H, W) bool. Jittable."""
   _, out = stats.intermediates(model, params, images)
-  grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+  grid = patch_grid(model, images)
   masks = layer_masks(model, out, grid, methods=methods, share=share, tau=tau,
                       num_objects=num_objects)
   return mask_ious(masks, gt, upsampling)
@@ -123,7 +128,7 @@ def segmentation_metrics(model, params, images, gt, *, methods=None) -> dict[str
   on one device; sharded programs split it (`segmentation_inputs`, then `segmentation_scalars`)."""
   methods = default_methods(model) if methods is None else methods
   _, out = stats.intermediates(model, params, images)
-  grid = (images.shape[1] // model.patch_size, images.shape[2] // model.patch_size)
+  grid = patch_grid(model, images)
   return segmentation_scalars(model, segmentation_inputs(model, out, methods), gt, grid,
                               methods=methods)
 

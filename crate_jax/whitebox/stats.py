@@ -85,6 +85,12 @@ def whitebox_metrics(model, params, images, *, eps: float = rates.OFFICIAL_EPS_S
   Jittable (e.g. jax.jit(lambda p: whitebox_metrics(model, p, images))); lambda is the model's.
   """
   _, out = intermediates(model, params, images)
+  return metrics_of(model, out, eps=eps, keys=keys)
+
+
+def metrics_of(model, out, *, eps: float = rates.OFFICIAL_EPS_SQ,
+               keys=METRIC_KEYS) -> dict[str, jax.Array]:
+  """`whitebox_metrics` from the model's intermediates `out` (already computed)."""
   stats = layerwise_stats(out, eps=eps, lambd=getattr(model, "lambd", 0.1))
   depth = out["features"].shape[0]
   return {f"whitebox/layer_{l:02d}/{k}": stats[k][l]
