@@ -113,14 +113,14 @@ def load(checkpoint: str):
   if config.get("task") not in ("lm", "mlm"):
     raise ValueError(f"checkpoint {checkpoint} is a {config.get('task')!r} model, not a "
                      "language model (task lm)")
-  if not getattr(models.from_config(config), "causal", False):
+  model = models.from_config(config)
+  if not getattr(model, "causal", False):
     raise ValueError(f"checkpoint {checkpoint} holds a bidirectional (BERT-style) model; "
                      "generation needs a causal one (task lm)")
   if config.data.get("tokenizer") == "bpe":
     from crate_jax.data import tokenizers
     with config.unlocked():
       config.data.tokenizer_dir = tokenizers.run_directory(checkpoint, config.data.tokenizer_dir)
-  model = models.from_config(config)
   if isinstance(model, models.TextModel) and model.final_norm != ("final_norm" in params):
     # crate_gpt_* checkpoints written before the official model (no final LayerNorm) have one.
     model = model.clone(final_norm="final_norm" in params)

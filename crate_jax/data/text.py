@@ -65,7 +65,7 @@ def token_stream(data_cfg, split: str) -> np.ndarray:
   tok = tokenizers.from_config(data_cfg)
   eos = np.asarray([tok.eos_id], np.int32)
   parts = []
-  for doc in documents(data_cfg, split):
+  for doc in documents(data_cfg, split, builder):
     parts.append(tok.encode(doc))
     parts.append(eos)
   stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
@@ -80,13 +80,24 @@ def _tokenizer_key(data_cfg) -> tuple:
           int(data_cfg.get("bpe_vocab_size", 0)))
 
 
-def documents(data_cfg, split: str):
+def _records(builder, split: str):
+  """The split's examples in file order (an unknown split: one error naming the available ones)."""
+  datasets.split_size(builder, split)
+  return builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()
+
+
+def documents(data_cfg, split: str, builder=None):
   """The split's documents (str) in file order (a text dataset: its text_key)."""
-  builder = get_builder(data_cfg)
   text_key = text_datasets.spec(data_cfg.name).text_key
-  datasets.split_size(builder, split)  # an unknown split: one error naming the available ones
-  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+  for ex in _records(builder or get_builder(data_cfg), split):
     yield ex[text_key].decode("utf-8")
+
+
+def _text_fields(data_cfg, split: str, builder=None):
+  """(its text fields, label) of each example of a classification split, in file order."""
+  keys = text_datasets.spec(data_cfg.name).text_keys
+  for ex in _records(builder or get_builder(data_cfg), split):
+    yield [ex[k].decode("utf-8") for k in keys], int(ex["label"])
 
 
 def ensure_tokenizer(data_cfg) -> str | None:
@@ -123,10 +134,8 @@ def _training_texts(data_cfg):
   if not text_datasets.is_classification(data_cfg.name):
     yield from documents(data_cfg, split)
     return
-  builder = get_builder(data_cfg)
-  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
-    for k in text_datasets.spec(data_cfg.name).text_keys:
-      yield ex[k].decode("utf-8")
+  for texts, _ in _text_fields(data_cfg, split):
+    yield from texts
 
 
 def process_split(split: str, pi: int, pc: int, drop_remainder: bool = True) -> str:
@@ -150,18 +159,16 @@ def labelled_examples(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
   if key in _STREAMS:
     return _STREAMS[key]
   tok = tokenizers.from_config(data_cfg)
-  info = text_datasets.spec(data_cfg.name)
-  datasets.split_size(builder, split)
   rows, labels = [], []
-  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+  for texts, label in _text_fields(data_cfg, split, builder):
     parts = []
-    for i, k in enumerate(info.text_keys):
+    for i, t in enumerate(texts):
       if i:
         parts.append(np.asarray([tok.eos_id], np.int32))
-      parts.append(tok.encode(ex[k].decode("utf-8")))
+      parts.append(tok.encode(t))
     ids = np.concatenate(parts)[:seq_len]
     rows.append(np.pad(ids, (0, seq_len - len(ids)), constant_values=tok.pad_id))
-    labels.append(int(ex["label"]))
+    labels.append(label)
   out = (np.stack(rows).astype(np.int32) if rows else np.zeros((0, seq_len), np.int32),
          np.asarray(labels, np.int32))
   _STREAMS[key] = out
