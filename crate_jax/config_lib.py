@@ -275,8 +275,9 @@ def _validate_text(config, need) -> None:
   from crate_jax import models
   model = models.from_config(config)
   if config.data.tokenizer == "bpe":
-    need(config.data.bpe_vocab_size >= 256, "data.bpe_vocab_size",
-         "must be >= 256 (the byte symbols every byte-level BPE starts from)")
+    need(config.data.bpe_vocab_size >= tokenizers.BYTE_SYMBOLS, "data.bpe_vocab_size",
+         f"must be >= {tokenizers.BYTE_SYMBOLS} (the byte symbols every byte-level BPE starts "
+         "from)")
   vocab = tokenizers.vocab_size(config.data)
   need(getattr(model, "vocab_size", 0) >= vocab, "model.kwargs.vocab_size",
        f"must be >= the {config.data.tokenizer} tokenizer's {vocab} ids (a text model)")

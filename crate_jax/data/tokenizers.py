@@ -18,6 +18,7 @@ import numpy as np
 TOKENIZERS = ("byte", "bpe")
 TOKENIZER_FILE = "tokenizer.json"   # the trained BPE, in the run's workdir
 NUM_SPECIAL = 3                     # eos, mask, pad after the ordinary ids
+BYTE_SYMBOLS = 256                  # every byte-level BPE starts from these: its smallest size
 
 
 class TokenizerError(ValueError):
@@ -120,9 +121,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
   """Byte-level BPE with at most `vocab_size` ordinary tokens (the 256 byte symbols and the
   merges of pairs seen at least twice), learned from `texts` in order (deterministic)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  if vocab_size < 256:
-    raise TokenizerError(f"config.data.bpe_vocab_size={vocab_size} must be >= 256 (the byte "
-                         "symbols every byte-level BPE starts from)")
+  if vocab_size < BYTE_SYMBOLS:
+    raise TokenizerError(f"config.data.bpe_vocab_size={vocab_size} must be >= {BYTE_SYMBOLS} "
+                         "(the byte symbols every byte-level BPE starts from)")
   hf = Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = decoders.ByteLevel()
