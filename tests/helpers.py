@@ -7,6 +7,12 @@ TINY_ARCH = dict(image_size=28, patch_size=7, num_classes=10, dim=32, depth=2, h
                  dim_head=16)
 
 
+def xla_flags(devices):
+  """The suite's XLA_FLAGS (see conftest) with the simulated CPU device count set to `devices`."""
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *rest])
+
+
 def tiny_config(data_dir, **overrides):
   """configs/embedded.py shrunk: a 2-layer CRATE, batch 64, a few steps."""
   from crate_jax import config_lib

@@ -12,8 +12,8 @@ from PIL import Image
 
 from crate_jax.data import datasets, embedded, image_folder
 from crate_jax.data.image_folder import ImageFolderError
+from tests.helpers import ROOT, xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_PER_CLASS, VAL_PER_CLASS = 40, 10
 
 
@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
   # One CPU device in the subprocess: the folder is what is tested here, and 8 simulated devices'
   # collectives abort (XLA's 40 s rendezvous timeout) when the 2 CPU cores are heavily shared.
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   r = subprocess.run(
       [sys.executable, "-m", "crate_jax.train", "--config", "configs/image_folder.py",
        f"--config.data.data_dir={tmp / 'digits'}", f"--workdir={tmp / 'run'}",

@@ -127,8 +127,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
   head = dino_step.make_head(cfg)
   init_rng = jax.random.split(jax.random.key(cfg.seed))[0]
   fresh = head.init(jax.random.fold_in(init_rng, 1), jnp.zeros((1, TINY_ARCH["dim"])))["params"]
-  jax.tree.map(np.testing.assert_array_equal, a["params"]["dino_head"]["prototypes"],
-               jax.device_get(fresh["prototypes"]))
+  # (the run inits in one compiled program, this op by op: equal to float32 rounding, while one
+  # update at lr 5e-4 would move them by ~1e-4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
+               a["params"]["dino_head"]["prototypes"], jax.device_get(fresh["prototypes"]))
   assert diff(a["params"]["dino_head"]["mlp_0"], a["ema_params"]["dino_head"]["mlp_0"]) > 0
   rows = [r for r in __import__("crate_jax.training.metrics", fromlist=["x"]).read_jsonl(
       os.path.join(whole, "metrics.jsonl")) if "train/loss" in r]

@@ -13,7 +13,7 @@ import pytest
 
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import train
-from tests.helpers import ROOT, final_params, losses, tiny_config
+from tests.helpers import ROOT, final_params, losses, tiny_config, xla_flags
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -115,7 +115,7 @@ def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
   for pid in range(2):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+               XLA_FLAGS=xla_flags(4), PYTHONPATH=ROOT)
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "training", "multihost_worker.py"),
          str(tmp_path / "multi"), json.dumps(overrides)],
