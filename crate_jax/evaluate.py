@@ -22,11 +22,9 @@ def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> di
   from crate_jax import data as data_lib
   from crate_jax.training import evaluation
   config_lib.validate(config)
-  if config_lib.reads_text(config) and config.data.tokenizer == "bpe":
+  if config_lib.reads_text(config):
     from crate_jax.data import tokenizers  # the run's own tokenizer.json, beside its checkpoints
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.tokenizer_dir = tokenizers.run_directory(checkpoint, config.data.tokenizer_dir)
+    config = tokenizers.for_checkpoint(config, checkpoint)
   if config.task == "dino":
     raise ValueError("config.task='dino' has no supervised head to score: use --protocol knn or "
                      "--protocol linear (frozen teacher features)")

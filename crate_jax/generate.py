@@ -117,10 +117,8 @@ def load(checkpoint: str):
   if not getattr(model, "causal", False):
     raise ValueError(f"checkpoint {checkpoint} holds a bidirectional (BERT-style) model; "
                      "generation needs a causal one (task lm)")
-  if config.data.get("tokenizer") == "bpe":
-    from crate_jax.data import tokenizers
-    with config.unlocked():
-      config.data.tokenizer_dir = tokenizers.run_directory(checkpoint, config.data.tokenizer_dir)
+  from crate_jax.data import tokenizers
+  config = tokenizers.for_checkpoint(config, checkpoint)
   if isinstance(model, models.TextModel) and model.final_norm != ("final_norm" in params):
     # crate_gpt_* checkpoints written before the official model (no final LayerNorm) have one.
     model = model.clone(final_norm="final_norm" in params)

@@ -145,9 +145,7 @@ def _run_tokenizer(config, workdir: str):
     tok = tokenizers.from_config(config.data)  # one error if the named run has none
     if not (target / tokenizers.TOKENIZER_FILE).exists():
       tok.save(os.fspath(target))
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.tokenizer_dir = os.fspath(target)
+  config = tokenizers.with_directory(config, os.fspath(target))
   logging.info("BPE tokenizer: %s", text.ensure_tokenizer(config.data))
   return config
 

@@ -161,6 +161,22 @@ def run_directory(checkpoint: str, saved: str = "") -> str:
   return saved
 
 
+def with_directory(config, directory: str):
+  """A copy of `config` whose data.tokenizer_dir is `directory`."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.tokenizer_dir = directory
+  return config
+
+
+def for_checkpoint(config, checkpoint: str):
+  """A BPE config pointed at the tokenizer.json of the run holding `checkpoint` (run_directory);
+  other configs unchanged."""
+  if config.data.get("tokenizer") != "bpe":
+    return config
+  return with_directory(config, run_directory(checkpoint, config.data.tokenizer_dir))
+
+
 def get(name: str, directory: str | None = None, bpe_vocab_size: int = 0):
   """The tokenizer config.data.tokenizer names (a BPE one: loaded from DIR/tokenizer.json);
   unknown names: one TokenizerError naming the key."""

@@ -96,9 +96,10 @@ class MSSA(nn.Module, kw_only=True):
   """Multi-head subspace self-attention with one tied bias-free projection U (q = k = v).
 
   init: "torch" (nn.Linear defaults, the classifier), "xavier" (xavier-uniform U and W_out,
-  zero b_out, as CRATE-MAE initialises it) or "gpt" (the official CRATE-GPT / GPT-2: U ~ N(0, 0.02),
-  W_out ~ N(0, 0.02 / sqrt(2 init_depth)), b_out = 0; init_depth = the model's depth). output: "free" (a learned W_out, b_out: the official
-  model) or "tied" (the derivation's U_[K] itself, no bias: no out_kernel / out_bias parameters).
+  zero b_out, as CRATE-MAE initialises it) or "gpt" (the official CRATE-GPT / GPT-2:
+  U ~ N(0, 0.02), W_out ~ N(0, 0.02 / sqrt(2 init_depth)), b_out = 0; init_depth = the model's
+  depth). output: "free" (a learned W_out, b_out: the official model) or "tied" (the
+  derivation's U_[K] itself, no bias: no out_kernel / out_bias parameters).
   """
   dim: int
   heads: int
