@@ -6,7 +6,8 @@ Conventions (all functions here):
   * `eps_sq` is the squared distortion eps^2 of the paper. The official CRATE measurement calls it
     `eps` and uses 0.01 (i.e. eps = 0.1); OFFICIAL_EPS_SQ = 0.01 is that value.
   * logdet(I_d + a Z^T Z) = logdet(I_N + a Z Z^T) (Sylvester), so the smaller Gram matrix is used,
-    and the log-determinant is taken through a Cholesky factor (the matrix is >= I, so always SPD).
+    and the log-determinant is taken through a Cholesky factor (the matrix is >= I, so always SPD;
+    `logdet_i_plus` says why CPU programs factor it with XLA ops).
   * Rates are in nats (natural log), as in the official code.
 """
 from __future__ import annotations
@@ -18,10 +19,38 @@ OFFICIAL_EPS_SQ = 0.01
 
 
 def logdet_i_plus(G: jax.Array, alpha) -> jax.Array:
-  """logdet(I + alpha G) for symmetric PSD G (..., m, m): 2 sum log diag chol(I + alpha G)."""
+  """logdet(I + alpha G) for symmetric PSD G (..., m, m): 2 sum_i log L_ii, L = chol(I + alpha G).
+
+  On CPU the factor comes from `cholesky_diagonal` (plain XLA ops); elsewhere from the backend's
+  solver (cuSOLVER, the TPU's). jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op
+  thread pool and block a pool thread until the pieces finish: two such calls running at once on a
+  2-thread pool (a 2-core machine) wait for each other forever. That hung the train loop's
+  white-box hook; no program here calls them.
+  """
   m = G.shape[-1]
-  chol = jnp.linalg.cholesky(jnp.eye(m, dtype=G.dtype) + alpha * G)
-  return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+  A = jnp.eye(m, dtype=G.dtype) + alpha * G
+  lapack = lambda a: jnp.diagonal(jnp.linalg.cholesky(a), axis1=-2, axis2=-1)
+  diag = jax.lax.platform_dependent(A, cpu=cholesky_diagonal, default=lapack)
+  return 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+
+
+def cholesky_diagonal(A: jax.Array) -> jax.Array:
+  """diag(L) of A = L L^T for SPD A (..., m, m), by right-looking elimination in XLA ops: step j
+  takes L_jj = sqrt(A_jj), l = A_{>j, j} / L_jj, and A_{>j, >j} -= l l^T. m steps of
+  O(m^2) work per matrix (batched), differentiable."""
+  m = A.shape[-1]
+  idx = jnp.arange(m)
+  A = 0.5 * (A + jnp.swapaxes(A, -1, -2))  # reads both triangles: a symmetric gradient
+
+  def step(j, carry):
+    A, diag = carry
+    pivot = jnp.sqrt(A[..., j, j])
+    col = jnp.where(idx > j, A[..., :, j] / pivot[..., None], 0.0)
+    A = A - col[..., :, None] * col[..., None, :]
+    return A, diag.at[..., j].set(pivot)
+
+  _, diag = jax.lax.fori_loop(0, m, step, (A, jnp.zeros(A.shape[:-1], A.dtype)))
+  return diag
 
 
 def gram(Z: jax.Array) -> jax.Array:
