@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from crate_jax import config_lib, models  # noqa: E402
+from crate_jax import config_lib, models, setups  # noqa: E402
 from crate_jax.training import program, sharding  # noqa: E402
 
 
@@ -32,12 +32,11 @@ def measure(name: str, scan: bool, remat: str, batch: int, image_size: int) -> d
   config.model.scan_layers = scan
   config.remat = remat
   config.batch_size = batch
-  config_lib.validate(config)
+  setups.validate(config)
   model = models.from_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  prog = program.build(config, model, mesh, task="classification", total_steps=1000,
-                       steps_per_epoch=100, image_shape=(image_size, image_size, 3))
-  batch_spec = prog.abstract_batch(batch, (image_size, image_size, 3), config.data.num_classes)
+  prog = program.build(config, model, mesh, total_steps=1000, steps_per_epoch=100)
+  batch_spec = prog.abstract_batch(config, batch, train=True)
   t0 = time.perf_counter()
   lowered = prog.train_step.lower(prog.abstract_state, batch_spec)
   t1 = time.perf_counter()

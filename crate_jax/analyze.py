@@ -11,7 +11,6 @@ size and the checkpoint's positional embedding is resized (bicubic, CLS row kept
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import os
 
@@ -19,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax import models, setups, whitebox
 from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax import models, whitebox
+from crate_jax.training import weights as weights_lib
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -125,16 +125,10 @@ def build_model(config, image_size: int):
 
 
 def checkpoint_params(config, model, abstract_params, checkpoint: str):
-  """(params, meta, weights) of the checkpoint fitted to `model`, chosen as `evaluate --protocol
-  knn|linear` chooses them: the weight EMA when config.eval_ema (with an ema_decay), which for
-  task="dino" is the teacher, with top-level subtrees the backbone lacks (DINO's projection head
-  "dino_head") left out. weights names what was loaded: "teacher", "ema", "student" or "params"."""
-  dino = config.task == "dino"
-  ema = config.ema_decay > 0 and config.eval_ema
-  params, meta = ckpt_lib.load_params_for(
-      abstract_params, checkpoint, adapt=functools.partial(models.adapt_params, model),
-      ema=ema, drop_extra=dino)
-  return params, meta, ("teacher" if ema else "student") if dino else ("ema" if ema else "params")
+  """(params, meta, weights) of the checkpoint fitted to `model`: the weights that stand for
+  its model, by its task's rule (crate_jax.training.weights; the EMA when evaluated, DINO's
+  teacher backbone, ...). weights names what was loaded: "teacher", "ema", "student", "params"."""
+  return weights_lib.load(checkpoint, config, abstract_params=abstract_params, model=model)
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -148,6 +142,7 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   None, the first num_images of `split` (default config.data.eval_split) via crate_jax.data.
   Inputs are checked (checkpoint, images, layer, size) before any model is compiled.
   """
+  setups.check(config, "analyze")
   size = int(image_size or training_image_size(config))
   if size <= 0:
     raise AnalyzeError(f"--image-size must be positive, got {size}")

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import analyze as analyze_lib
+from crate_jax import setups
+from crate_jax.data.datasets import NoMasksError
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.whitebox import segment, segscore
 
@@ -43,6 +45,10 @@ def check_inputs(config, checkpoint: str, *, num_images: int, layer: int, method
     raise AnalyzeError(f"--seg_objects must be >= 1, got {num_objects}")
   if upsampling not in segment.UPSAMPLING:
     raise AnalyzeError(f"--seg_upsampling {upsampling!r} is not one of {segment.UPSAMPLING}")
+  try:
+    setups.check(config, "segment")
+  except NoMasksError as e:
+    raise AnalyzeError(f"--segment: {e}") from None
   model = analyze_lib.build_model(config, analyze_lib.training_image_size(config))
   try:
     methods = segscore.check_methods(model, methods)

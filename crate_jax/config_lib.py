@@ -1,8 +1,8 @@
 """The one config base every config in configs/ derives from (ml_collections.ConfigDict).
 
-configs/crate_base.py etc. call `base_config(model)` and override fields; `validate(config)` (the
-loop calls it once) checks the result before anything is compiled, with one clear error naming
-the offending key. The model's image size and class count are references to the data's
+configs/crate_base.py etc. call `base_config(model)` and override fields; crate_jax.setups
+checks the result (and what each command asks of it) before anything is compiled, with one clear
+error naming the offending key. This module is schema and defaults only. The model's image size and class count are references to the data's
 (`data.image_size`, `data.num_classes`): set them once, in `data`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   """Defaults = the official ImageNet-1K recipe for CRATE (Lion, lr 2e-4, wd 0.05, batch 512)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "classification"       # or "mae" (models that return {"loss": ...}), "lm", "mlm"
+  c.task = "classification"       # crate_jax.training.tasks: mae, dino, lm, mlm
 
   # Model: a registry name plus constructor overrides (see crate_jax.models.get).
   c.model = ml_collections.ConfigDict()
@@ -108,6 +108,9 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.init_from = ""                # a checkpoint to warm-start params from (not a resume)
   c.init_head = True              # with init_from: re-initialise the classifier head
   c.whitebox_every_steps = 0      # > 0: log per-layer coding rate and sparsity
+  c.hang_timeout_s = 3600.0       # a loop phase (step, eval, hook, save) running longer: stacks
+                                  # printed, exit status 3 (training.watchdog); 0 = no watchdog
+  c.preemption_grace_s = 600.0    # after SIGTERM: at most this long to save and exit
   c.profile_steps = 0             # > 0: clu profile this many steps on process 0
   # Mesh: the batch is split over data x fsdp devices; parameters and optimizer state of
   # >= fsdp_min_size elements are sharded over fsdp (crate_jax.training.sharding).
@@ -145,10 +148,6 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
-TASKS = ("classification", "mae", "dino", "lm", "mlm")
-TEXT_TASKS = ("lm", "mlm")
-
-
 def text_config(model: str = "crate_gpt_small", task: str = "lm") -> ml_collections.ConfigDict:
   """`base_config` for a text task: the model's kwargs hold its vocabulary size and position
   table (max_len = data.seq_len by default) instead of image size and classes; AdamW, no label
@@ -173,17 +172,6 @@ def text_config(model: str = "crate_gpt_small", task: str = "lm") -> ml_collecti
   return c
 
 
-def reads_text(config) -> bool:
-  """The model reads tokens: a text task, or classification of a text dataset (GLUE)."""
-  from crate_jax.data import text_datasets
-  return config.task in TEXT_TASKS or text_datasets.is_text(config.data.name)
-
-
-def tokens_per_example(config) -> int | None:
-  """Tokens of one training example (text: seq_len), for tokens/s; None for images."""
-  return int(config.data.seq_len) if reads_text(config) else None
-
-
 def text_classification_config(model: str = "crate_bert_base",
                                dataset: str = "glue/sst2") -> ml_collections.ConfigDict:
   """`text_config` for fine-tuning a text model to classify sequences of a GLUE task: the
@@ -198,104 +186,6 @@ def text_classification_config(model: str = "crate_bert_base",
   c.optimizer.warmup_epochs = 0.1
   c.num_epochs = 3
   return c
-
-
-def input_shape(config) -> tuple:
-  """One example's model input: (seq_len,) tokens for text, else (H, W, 3) images."""
-  if reads_text(config):
-    return (int(config.data.seq_len),)
-  return (config.data.image_size, config.data.image_size, 3)
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def validate(config) -> None:
-  """Every check a config allows without devices or data: one ValueError naming the key."""
-  def need(ok, key, what):
-    if not ok:
-      raise ValueError(f"config.{key}={_value(config, key)!r}: {what}")
-
-  need(config.task in TASKS, "task", f"is not one of {TASKS}")
-  need(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"is not one of {COMPUTE_DTYPES}")
-  for key in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
-    need(isinstance(config[key], int) and config[key] >= 1, key, "must be a positive integer")
-  for key in ("eval_every_epochs", "checkpoint_every_epochs", "whitebox_every_steps",
-              "profile_steps"):
-    need(config[key] >= 0, key, "must be >= 0")
-  need(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
-       "must be > 0 when num_train_steps is not set")
-  need(0.0 <= config.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
-  need(0.0 <= config.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
-  need(0.0 < config.optimizer.layer_decay <= 1.0, "optimizer.layer_decay",
-       "must be in (0, 1] (1 = off)")
-  need(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-  for key in ("dropout", "emb_dropout"):
-    if key in config.model.kwargs:
-      need(0.0 <= config.model.kwargs[key] < 1.0, f"model.kwargs.{key}", "must be in [0, 1)")
-  if reads_text(config):
-    _validate_text(config, need)
-  for key in ("image_size", "num_classes"):
-    model_value = config.model.kwargs.get(key, config.data[key])
-    need(model_value == config.data[key], f"model.kwargs.{key}",
-         f"differs from config.data.{key}={config.data[key]} (set it once, in config.data)")
-  from crate_jax import models  # local: configs load without the model stack
-  from crate_jax.models import layers
-  need(config.remat in (True, False, "True", "False", "true", "false", *layers.REMAT_POLICIES),
-       "remat", f"is not one of {layers.REMAT_POLICIES} (or True/False)")
-  from crate_jax.training import optim, steps
-  metrics = steps.EVAL_METRICS[config.task]
-  need(config.best_metric in ("", *metrics), "best_metric",
-       f"is not an eval metric of task {config.task!r}: {metrics}")
-  need(config.best_mode in ("", "max", "min"), "best_mode", "must be 'max' or 'min'")
-  models.from_config(config)   # unknown model / argument: "config.model: ..."
-  if config.task == "dino":
-    from crate_jax.training import dino
-    dino.validate_config(config)
-  optim.make_optimizer(config.optimizer, 0.0)  # unknown optimizer / decay mask
-
-
-def _validate_text(config, need) -> None:
-  """The text tasks: a text dataset, a known tokenizer whose ids fit the model's vocabulary,
-  sequences that fit its position table."""
-  from crate_jax.data import tokenizers
-  from crate_jax.data import text_datasets
-  tokenizers.check(config.data.tokenizer)
-  need(text_datasets.is_text(config.data.name), "data.name",
-       f"is not a text dataset (task {config.task!r}); known: {text_datasets.names()}")
-  classifying = text_datasets.is_classification(config.data.name)
-  need(classifying == (config.task == "classification"), "task",
-       f"does not fit the text dataset {config.data.name!r} (use "
-       f"{'classification' if classifying else 'lm or mlm'})")
-  if classifying:
-    classes = text_datasets.spec(config.data.name).num_classes
-    need(config.data.num_classes == classes, "data.num_classes",
-         f"{config.data.name} has {classes} classes")
-  need(config.data.seq_len >= 2, "data.seq_len", "must be >= 2")
-  need(0.0 < config.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
-  from crate_jax import models
-  model = models.from_config(config)
-  if config.data.tokenizer == "bpe":
-    need(config.data.bpe_vocab_size >= tokenizers.BYTE_SYMBOLS, "data.bpe_vocab_size",
-         f"must be >= {tokenizers.BYTE_SYMBOLS} (the byte symbols every byte-level BPE starts "
-         "from)")
-  vocab = tokenizers.vocab_size(config.data)
-  need(getattr(model, "vocab_size", 0) >= vocab, "model.kwargs.vocab_size",
-       f"must be >= the {config.data.tokenizer} tokenizer's {vocab} ids (a text model)")
-  if classifying:
-    need(model.pad_id == tokenizers.pad_id(config.data), "model.kwargs.pad_id",
-         f"must be the {config.data.tokenizer} tokenizer's pad id "
-         f"{tokenizers.pad_id(config.data)} (the classifier masks and skips those tokens)")
-  need(config.data.seq_len <= model.max_len, "data.seq_len",
-       f"is longer than the model's position table max_len={model.max_len}")
-
-
-def best_checkpoint(config) -> tuple[str, str]:
-  """(metric, mode) of the best-checkpoint rule: the config's, else the task's default."""
-  from crate_jax.training import steps
-  metric, mode = steps.BEST_METRIC[config.task]
-  if config.best_metric:
-    metric, mode = config.best_metric, "min" if config.best_metric == "loss" else "max"
-  return metric, config.best_mode or mode
 
 
 def _value(config, key):

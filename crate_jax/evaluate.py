@@ -4,84 +4,79 @@
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax import config_lib, models
-from crate_jax.training import sharding, steps
+from crate_jax import data as data_lib
+from crate_jax import models, setups
+from crate_jax.training import sharding
+from crate_jax.training import weights as weights_lib
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str | None = None) -> dict[str, float]:
-  """Eval metrics of a checkpoint on `split` (default config.data.eval_split); parameters are
-  placed by the config's FSDP rule, as in training."""
-  from crate_jax import data as data_lib
-  from crate_jax.training import evaluation
-  config_lib.validate(config)
-  if config_lib.reads_text(config):
-    from crate_jax.data import tokenizers  # the run's own tokenizer.json, beside its checkpoints
-    config = tokenizers.for_checkpoint(config, checkpoint)
-  if config.task == "dino":
-    raise ValueError("config.task='dino' has no supervised head to score: use --protocol knn or "
-                     "--protocol linear (frozen teacher features)")
+  """Eval metrics of a checkpoint on `split` (default config.data.eval_split), computed by the
+  train loop's own eval step (program.build: same program, mesh and FSDP placement)."""
+  from crate_jax.training import evaluation, program, tasks
+  setups.check(config, "evaluate")
+  config = _with_run_tokenizer(config, checkpoint)
   model = models.from_config(config)
-  image_shape = config_lib.input_shape(config)
   data_lib.check_batch_size(config.eval_batch_size, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
-  shardings = sharding.param_shardings(abstract, mesh, config.mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
-                                      adapt=functools.partial(models.adapt_params, model),
-                                      ema=config.ema_decay > 0 and config.eval_ema)
-  from crate_jax.training import text_tasks
-  eval_step = jax.jit(steps.make_eval_step(model, task=config.task,
-                                           text=text_tasks.spec_from_config(config)))
-  return evaluation.evaluate(eval_step, params, config, sharding.data_sharding(mesh), split=split)
+  prog = program.build(config, model, mesh, total_steps=1, steps_per_epoch=1)
+  abstract, _ = prog.task.weights(config, tasks.state_dict(prog.abstract_state),
+                                  for_eval_step=True)
+  params, _, _ = weights_lib.load(checkpoint, config, abstract_params=abstract, model=model,
+                                  for_eval_step=True)
+  return evaluation.evaluate(prog.eval_step, params, config, prog.data_sharding, split=split)
+
+
+def _with_run_tokenizer(config, checkpoint: str):
+  """A text config pointed at the run's own tokenizer.json (beside its checkpoints)."""
+  if models.contract(models.from_config(config)).inputs != "tokens":
+    return config
+  from crate_jax.data import tokenizers
+  return tokenizers.for_checkpoint(config, checkpoint)
 
 
 PROTOCOLS = ("supervised", "knn", "linear")
 
 
 def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
-  """(model, params): the checkpoint's weights (EMA when the config evaluates it), or with
-  checkpoint=None the architecture at its random initialisation (seed: config.seed)."""
-  config_lib.validate(config)
+  """(model, params): the weights that stand for the checkpoint's model (its task's rule: the
+  EMA, DINO's teacher backbone, ...), or with checkpoint=None the architecture at its random
+  initialisation (seed: config.seed)."""
+  from crate_jax.training import tasks
   model = models.from_config(config)
-  image_shape = config_lib.input_shape(config)
+  input_shape = tasks.of(config).input_shape(config)
   init = lambda: model.init(jax.random.key(config.seed if seed is None else seed),
-                            jnp.zeros((1, *image_shape)))["params"]
+                            jnp.zeros((1, *input_shape)))["params"]
   if checkpoint is None:
     return model, jax.jit(init)()
-  abstract = jax.eval_shape(init)
-  params, _ = ckpt_lib.load_params_for(abstract, checkpoint,
-                                      adapt=functools.partial(models.adapt_params, model),
-                                      ema=config.ema_decay > 0 and config.eval_ema,
-                                      drop_extra=config.task == "dino")  # the DINO head
+  params, _, _ = weights_lib.load(checkpoint, config, abstract_params=jax.eval_shape(init),
+                                  model=model)
   return model, params
 
 
 def layer_features(config, model, params, split: str, pool: str = "cls"):
   """(features (L, n, d) per layer, pooled as `pool`, labels (n,)) of a split, unaugmented
   (the eval preprocessing), padding dropped. Layer l is the output of block l."""
-  from crate_jax import data as data_lib
   from crate_jax.training import probes
+  from crate_jax.whitebox import stats
+  key = models.contract(model).batch_key
 
   @jax.jit
-  def forward(p, images):
-    _, out = model.apply({"params": p}, images, return_intermediates=True)
+  def forward(p, x):
+    _, out = stats.intermediates(model, p, x)
     return models.layer_outputs(model, out)
 
   feats, labels = [], []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                       split=split):
     keep = batch["mask"].astype(bool)
-    tokens = np.asarray(jax.device_get(forward(params, jnp.asarray(batch["image"]))))
+    tokens = np.asarray(jax.device_get(forward(params, jnp.asarray(batch[key]))))
     feats.append(np.stack([probes.pool(t, pool) for t in tokens])[:, keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(feats, axis=1), np.concatenate(labels)
@@ -95,6 +90,9 @@ def frozen_feature_eval(config, checkpoint: str | None, protocol: str, *, layers
   from crate_jax.training import probes
   if protocol not in ("knn", "linear"):
     raise ValueError(f"--protocol {protocol!r} is not one of {PROTOCOLS}")
+  setups.check(config, protocol, pool=pool)
+  if checkpoint is not None:
+    config = _with_run_tokenizer(config, checkpoint)
   model, params = _model_and_params(config, checkpoint)
   depth = getattr(model, "depth", None)
   if layers not in ("last", "all"):
@@ -145,7 +143,6 @@ def main(argv):
   from crate_jax import cli
   cli.import_tensorflow()
   f = flags.FLAGS
-  from crate_jax import data as data_lib
   names = data_lib.check_class_names(f.config.data, f.checkpoint)  # refused before any compile
   shown = {"class_names": names} if names is not None else {}
   if f.protocol == "supervised":

@@ -103,20 +103,22 @@ def generate(model, params, prompt_ids, *, max_new_tokens: int, temperature: flo
 
 
 def load(checkpoint: str):
-  """(model, params, config) of a text-model checkpoint written by the train loop."""
+  """(model, params, config) of a text-model checkpoint written by the train loop: the weights
+  that stand for its model (crate_jax.training.weights), refused in one line unless the run's
+  model is a causal language model."""
+  from crate_jax import setups
   from crate_jax.training import checkpoint as ckpt_lib
-  params, meta = ckpt_lib.load_params(checkpoint)
+  from crate_jax.training import weights as weights_lib
+  meta = ckpt_lib.read_meta(checkpoint)
   if "config" not in meta:
     raise ValueError(f"checkpoint {checkpoint} has no saved config (meta['config']); generate "
                      "reads the model and tokenizer from it")
   config = ml_collections.ConfigDict(meta["config"])
-  if config.get("task") not in ("lm", "mlm"):
-    raise ValueError(f"checkpoint {checkpoint} is a {config.get('task')!r} model, not a "
-                     "language model (task lm)")
   model = models.from_config(config)
-  if not getattr(model, "causal", False):
-    raise ValueError(f"checkpoint {checkpoint} holds a bidirectional (BERT-style) model; "
-                     "generation needs a causal one (task lm)")
+  if not models.contract(model).causal:
+    setups.refuse(config, "generate", f"{config.model.name} is not a causal language model "
+                  "(generation needs next-token prediction: task lm with a GPT-style model)")
+  params, _, _ = weights_lib.load(checkpoint, config)
   from crate_jax.data import tokenizers
   config = tokenizers.for_checkpoint(config, checkpoint)
   if isinstance(model, models.TextModel) and model.final_norm != ("final_norm" in params):

@@ -156,24 +156,25 @@ def build(config, slc: Slice):
   from crate_jax import train
   from crate_jax.data import datasets
   from crate_jax.training import program
-  examples = datasets.spec(config.data.name).train_examples or config.batch_size
+  examples = datasets.planned_train_examples(config.data.name) or config.batch_size
   p = train.plan(config, devices=slc.devices, process_count=slc.hosts,
                  num_train_examples=examples)
-  prog = program.build(config, p.model, p.mesh, task=p.task, total_steps=p.total_steps,
-                       steps_per_epoch=p.steps_per_epoch, image_shape=p.image_shape)
+  prog = program.build(config, p.model, p.mesh, total_steps=p.total_steps,
+                       steps_per_epoch=p.steps_per_epoch)
   return p, prog
 
 
 def train_figures(config, slc: Slice) -> tuple[dict, object]:
   p, prog = build(config, slc)
-  batch = prog.abstract_batch(config.batch_size, p.image_shape, config.data.num_classes)
+  batch = prog.abstract_batch(config, config.batch_size, train=True)
   return compile_step(prog.train_step, prog.abstract_state, batch), (p, prog)
 
 
 def eval_figures(config, p, prog) -> dict:
-  batch = prog.abstract_batch(config.eval_batch_size, p.image_shape, config.data.num_classes,
-                              eval_=True)
-  out = compile_step(prog.eval_step, prog.abstract_state.params, batch)
+  from crate_jax.training import program
+  batch = prog.abstract_batch(config, config.eval_batch_size, train=False)
+  out = compile_step(prog.eval_step, program.eval_params(prog, config, prog.abstract_state),
+                     batch)
   out["per_chip_batch"] = config.eval_batch_size // len(p.mesh.devices.flat)
   return out
 

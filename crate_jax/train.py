@@ -25,8 +25,11 @@ from crate_jax.training import flops as flops_lib
 from crate_jax import data as data_lib
 from crate_jax.training import metrics as metrics_lib
 from crate_jax import config_lib, models
-from crate_jax.training import evaluation, program, sharding
+from crate_jax import setups
+from crate_jax.training import evaluation, program, sharding, tasks
 from crate_jax.training import lock as lock_lib
+from crate_jax.training import watchdog as watchdog_lib
+from crate_jax.training import weights as weights_lib
 
 
 
@@ -38,11 +41,9 @@ class NonFiniteLossError(FloatingPointError):
 class Plan:
   """Everything derived from the config before compiling anything."""
   model: object
-  task: str
   mesh: object
   steps_per_epoch: int
   total_steps: int
-  image_shape: tuple  # one example's input shape: (H, W, 3) images or (seq_len,) tokens
   every: dict  # {"log", "eval", "checkpoint"} intervals in steps
 
 
@@ -72,7 +73,7 @@ def plan(config: ml_collections.ConfigDict, *, devices=None, process_count: int 
   The TPU planner passes a slice's devices and host count, and the train split's size from the
   dataset table when the data is not prepared on the planning machine.
   """
-  config_lib.validate(config)
+  setups.check(config, "train")
   model = models.from_config(config)
   devices = jax.devices() if devices is None else devices
   process_count = jax.process_count() if process_count is None else process_count
@@ -97,34 +98,38 @@ def plan(config: ml_collections.ConfigDict, *, devices=None, process_count: int 
   else:
     num_train = num_train_examples
   spe = config_lib.steps_per_epoch(num_train, config.batch_size)
-  image_shape = config_lib.input_shape(config)  # (seq_len,) for the text tasks
-  return Plan(model, config.task, mesh, spe, config_lib.total_steps(config, spe), image_shape,
+  return Plan(model, mesh, spe, config_lib.total_steps(config, spe),
               config_lib.interval_steps(config, spe))
 
 
-def _warm_start(state, config, model, abstract_params):
-  """Params from config.init_from, fitted by the model family (e.g. positions resized); with
-  init_head the family's head keeps its fresh init."""
-  fresh = {k: v for k, v in jax.device_get(state.params).items()
+def _warm_start(state, config, model, task, abstract_params):
+  """Params from config.init_from (the weights that stand for its run's model), fitted by the
+  model family (e.g. positions resized); with init_head the family's head keeps its fresh init
+  (the fresh leaves stay on their devices: no gather of sharded params to one host)."""
+  fresh = {k: v for k, v in state.params.items()
            if config.init_head and k in models.head_params(model)}
-  params, _ = ckpt_lib.load_params_for(abstract_params, config.init_from, keep_fresh=fresh,
-                                       drop_extra=True,
-                                       adapt=functools.partial(models.adapt_params, model))
-  logging.info("Warm-started params from %s", config.init_from)
-  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
-  return state.replace(params=params, ema_params=ema)
+  loaded, _, what = weights_lib.load(config.init_from)
+  params = ckpt_lib.fit_params(abstract_params, loaded, what=f"checkpoint {config.init_from}",
+                               keep_fresh=fresh, drop_extra=True,
+                               adapt=functools.partial(models.adapt_params, model))
+  logging.info("Warm-started params from %s (%s)", config.init_from, what)
+  return task.with_params(state, params)
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly (the
+  watchdog bounds how long that may take: config.preemption_grace_s)."""
 
-  def __init__(self):
+  def __init__(self, on_signal=None):
     self.requested = False
+    self._on_signal = on_signal
     self._old = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and exiting")
     self.requested = True
+    if self._on_signal is not None:
+      self._on_signal()
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
@@ -135,9 +140,9 @@ def _run_tokenizer(config, workdir: str):
   config.data.tokenizer_dir when that names another run's (a fine-tune keeps its pre-training's
   ids), else trained on the training split once; resumes read it back. Returns the config with
   data.tokenizer_dir = the workdir. Other runs: the config unchanged."""
-  if not (config_lib.reads_text(config) and config.data.tokenizer == "bpe"):
+  if not (tasks.of(config).reads_tokens(config) and config.data.tokenizer == "bpe"):
     return config
-  config_lib.validate(config)  # bad input fails before the tokenizer is trained
+  setups.check(config, "train")  # bad input fails before the tokenizer is trained
   from crate_jax.data import text, tokenizers
   target = epath.Path(workdir).absolute()
   source = config.data.tokenizer_dir
@@ -168,11 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config, p: Plan, workdir: str, callbacks) -> dict:
   """train_and_evaluate once the plan is made and the workdir is locked."""
-  prog = program.build(config, p.model, p.mesh, task=p.task, total_steps=p.total_steps,
-                       steps_per_epoch=p.steps_per_epoch, image_shape=p.image_shape)
-  data_sh, abstract, schedule = prog.data_sharding, prog.abstract_state, prog.schedule
+  prog = program.build(config, p.model, p.mesh, total_steps=p.total_steps,
+                       steps_per_epoch=p.steps_per_epoch)
+  data_sh, abstract, schedule, task = (prog.data_sharding, prog.abstract_state, prog.schedule,
+                                       prog.task)
 
-  best_metric, best_mode = config_lib.best_checkpoint(config)
+  best_metric, best_mode = setups.best_checkpoint(config)
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best_metric,
                                best_mode=best_mode)
   jsonl = os.fspath(epath.Path(workdir) / "metrics.jsonl")
@@ -185,7 +191,7 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
     start = 0
     state = prog.init()
     if config.init_from:
-      state = _warm_start(state, config, p.model, abstract.params)
+      state = _warm_start(state, config, p.model, task, abstract.params)
     if jax.process_index() == 0:
       (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
       names = data_lib.class_names(config.data)
@@ -199,20 +205,22 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
     return {}
 
   train_step, eval_step = prog.train_step, prog.eval_step
-  whitebox = _whitebox_hook(config, p)
+  whitebox = _whitebox_hook(config, p) if config.whitebox_every_steps > 0 else None
 
   writer = metrics_lib.create_writer(workdir, total_steps=p.total_steps)
   from clu import periodic_actions
   throughput = metrics_lib.Throughput(config.batch_size,
                                       flops_lib.train_flops_per_example(p.model),
-                                      tokens_per_example=config_lib.tokens_per_example(config))
+                                      tokens_per_example=(int(config.data.seq_len)
+                                                          if task.reads_tokens(config) else None))
   hooks = [throughput]  # the one speed measurement; its clock starts once step 1 has compiled
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
   train_iter = data_lib.prefetch_to_device(
       data_lib.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                               start_step=start), data_sh, size=config.data.prefetch)
-  preemption = _Preemption()
+  watchdog = watchdog_lib.Watchdog(config.hang_timeout_s, config.preemption_grace_s)
+  preemption = _Preemption(on_signal=lambda: watchdog.preempted(step))
   pending: list = []
   eval_metrics: dict = {}
 
@@ -228,8 +236,7 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
     if rows:
       mean = {f"train/{k}": float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
       mean["train/lr"] = float(schedule(step - 1))
-      if p.task == "dino":
-        _dino_collapse_check(mean, step)
+      task.check_logged(mean, step)
       writer.write_scalars(step, {**mean, **throughput.measure(step)})
 
   def save(step, metrics=None):
@@ -241,31 +248,37 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
   finished = False
   try:
     while step < p.total_steps:
-      batch = next(train_iter)
-      state, m = train_step(state, batch)
-      step += 1
-      pending.append((step, m))
-      for hook in hooks:
-        hook(step)
-      for cb in callbacks:
-        cb(step, state)
+      with watchdog.phase("the train step", step + 1):
+        batch = next(train_iter)
+        state, m = train_step(state, batch)
+        step += 1
+        pending.append((step, m))
+        for hook in hooks:
+          hook(step)
+        for cb in callbacks:
+          cb(step, state)
       last = step == p.total_steps
       if step % p.every["log"] == 0 or last:
-        flush(step)
+        with watchdog.phase("the metrics flush", step):
+          flush(step)
       if step % p.every["eval"] == 0 or last:
-        flush(step)
-        t = time.perf_counter()
-        eval_metrics = evaluation.evaluate_all(eval_step, state.eval_params(config.eval_ema),
-                                           config, data_sh)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        throughput.pause(time.perf_counter() - t)
+        with watchdog.phase("evaluation", step):
+          flush(step)
+          t = time.perf_counter()
+          eval_metrics = evaluation.evaluate_all(eval_step, program.eval_params(prog, config, state),
+                                                 config, data_sh, task=task)
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          throughput.pause(time.perf_counter() - t)
       if whitebox and step % config.whitebox_every_steps == 0:
-        writer.write_scalars(step, whitebox(state.eval_params(config.eval_ema)))
+        with watchdog.phase("the white-box hook", step):
+          writer.write_scalars(step, whitebox(task.weights(config, tasks.state_dict(state))[0]))
       preempted = preemption.requested or ckpts.reached_preemption(step)
       if step % p.every["checkpoint"] == 0 or last or preempted:
-        flush(step)
-        at_eval = step % p.every["eval"] == 0 or last
-        save(step, {best_metric: eval_metrics[best_metric]} if at_eval and eval_metrics else None)
+        with watchdog.phase("the checkpoint save", step):
+          flush(step)
+          at_eval = step % p.every["eval"] == 0 or last
+          save(step, {best_metric: eval_metrics[best_metric]} if at_eval and eval_metrics
+               else None)
       if preempted:
         logging.warning("Saved step %d after a preemption signal; exiting", step)
         break
@@ -280,17 +293,10 @@ def _train(config, p: Plan, workdir: str, callbacks) -> dict:
     preemption.restore()
     if hasattr(train_iter, "close"):
       train_iter.close()
-    _close_quietly(ckpts, writer, failing=not finished)
+    with watchdog.phase("closing (pending checkpoint writes)", step):
+      _close_quietly(ckpts, writer, failing=not finished)
+    watchdog.close()
   return eval_metrics
-
-
-def _dino_collapse_check(mean: dict, step: int) -> None:
-  """Sets train/teacher_collapsed (1/0) and logs a warning when the DINO teacher has collapsed."""
-  from crate_jax.training import dino
-  warning = dino.collapse_warning({k[len("train/"):]: v for k, v in mean.items()})
-  mean["train/teacher_collapsed"] = float(warning is not None)
-  if warning:
-    logging.warning("step %d: %s", step, warning)
 
 
 def _close_quietly(ckpts, writer, failing: bool):
@@ -305,26 +311,25 @@ def _close_quietly(ckpts, writer, failing: bool):
 
 
 def _whitebox_hook(config, p):
-  """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps; where
-  the dataset has ground-truth masks also whitebox/seg_iou/layer_LL (the segmentation IoU of the
-  class token's attention, or of the features' PCA for families without a class token)."""
-  if config.whitebox_every_steps <= 0 or p.task not in ("classification", "lm", "mlm"):
-    return None
+  """Per-layer coding rate / sparsity on a fixed eval batch, every whitebox_every_steps (the
+  setup was checked: crate_jax.setups); where the dataset has ground-truth masks also
+  whitebox/seg_iou/layer_LL (the segmentation IoU of the class token's attention, or of the
+  features' PCA for families without a class token). The hook takes the weights that stand for
+  the model (its task's rule: the EMA, DINO's teacher backbone, ...)."""
   from crate_jax import whitebox
   from crate_jax.data import datasets
   from crate_jax.whitebox import segscore
-  masks = (not config_lib.reads_text(config)
-           and datasets.spec(config.data.name).mask_key is not None)
+  contract = models.contract(p.model)
+  masks = contract.inputs == "images" and datasets.spec(config.data.name).mask_key is not None
   if not masks:
     logging.info("whitebox: dataset %s has no segmentation masks; no whitebox/seg_iou",
                  config.data.name)
   batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                            **({"masks": True} if masks else {}))))
-  inputs = batch["tokens"] if "tokens" in batch else batch["image"]  # the text tasks' tokens
   n = min(32, int(np.sum(batch["mask"])))
-  images = jnp.asarray(inputs[:n])
+  inputs = jnp.asarray(batch[contract.batch_key][:n])
   if not masks:
-    fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, images))
+    fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, inputs))
     return lambda params: {k: float(v) for k, v in jax.device_get(fn(params)).items()}
 
   # Two programs: the sharded one computes the metrics and the (small) mask inputs; these are
@@ -333,20 +338,20 @@ def _whitebox_hook(config, p):
   from jax.experimental import multihost_utils
   from crate_jax.whitebox import stats
   methods = segscore.default_methods(p.model)
-  grid = segscore.patch_grid(p.model, images)
+  grid = segscore.patch_grid(p.model, inputs)
   gt = np.asarray(batch["foreground"][:n]).astype(bool)
 
   def sharded(params):
-    _, out = stats.intermediates(p.model, params, images)
+    _, out = stats.intermediates(p.model, params, inputs)
     return stats.metrics_of(p.model, out), segscore.segmentation_inputs(p.model, out, methods)
   first = jax.jit(sharded)
-  score = jax.jit(lambda inputs: segscore.segmentation_scalars(p.model, inputs, gt, grid,
-                                                               methods=methods))
+  score = jax.jit(lambda seg_inputs: segscore.segmentation_scalars(p.model, seg_inputs, gt, grid,
+                                                                   methods=methods))
 
   def hook(params):
-    out, inputs = first(params)
-    inputs = multihost_utils.process_allgather(inputs, tiled=True)
-    out = {**jax.device_get(out), **jax.device_get(score(inputs))}
+    out, seg_inputs = first(params)
+    seg_inputs = multihost_utils.process_allgather(seg_inputs, tiled=True)
+    out = {**jax.device_get(out), **jax.device_get(score(seg_inputs))}
     return {k: float(v) for k, v in out.items()}
   return hook
 

@@ -101,6 +101,15 @@ def spec(name: str) -> DatasetSpec:
   return DATASETS[key]
 
 
+def planned_train_examples(name: str) -> int:
+  """The train split's size as the tables know it (0: unknown, e.g. a text corpus, whose
+  packed sequences depend on the tokenizer), for plans made where the data is absent."""
+  from crate_jax.data import text_datasets
+  if text_datasets.is_text(name):
+    return 0
+  return spec(name).train_examples
+
+
 def resolve_data_dir(data_cfg) -> str | None:
   """config.data.data_dir, else $TFDS_DATA_DIR, else None (the tfds default dir)."""
   return getattr(data_cfg, "data_dir", None) or os.environ.get("TFDS_DATA_DIR") or None

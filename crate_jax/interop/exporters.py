@@ -7,7 +7,7 @@ Nothing is written unless the whole export succeeds; an existing output is refus
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 
@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import models
+import ml_collections
+
+from crate_jax import models, setups
 from crate_jax.interop import alpha_keys, mae_keys, torch_keys
 from crate_jax.training import checkpoint as ckpt_lib
+from crate_jax.training import weights as weights_lib
 
 STABLEHLO_FILE = "forward.stablehlo"
 
@@ -33,7 +36,8 @@ def refuse_existing(out: str) -> None:
 
 def model_from_meta(meta: dict):
   """(float32, unscanned model, config-or-None) as the checkpoint's meta describes it: a training
-  run's config, or a converted checkpoint's model name and kwargs."""
+  run's config (the model it trains; a DINO run's backbone), or a converted checkpoint's model
+  name and kwargs."""
   if "config" in meta:
     cfg = meta["config"]
     name, kwargs = cfg["model"]["name"], dict(cfg["model"]["kwargs"])
@@ -42,21 +46,40 @@ def model_from_meta(meta: dict):
   else:
     raise ExportError("the checkpoint's meta names no model (neither a training config nor a "
                       "converted model)")
+  fields = {f.name for f in dataclasses.fields(models.get(name))}
+  kwargs = {k: v for k, v in kwargs.items() if k in fields or k not in ("num_classes",)}
   return models.get(name, **kwargs), cfg
 
 
-def load(checkpoint: str):
-  """(model, params, config-or-None) of the latest step under `checkpoint` (EMA where the run
-  evaluates it), the params in the model's unscanned layout."""
+def example_input(model, cfg) -> jax.ShapeDtypeStruct:
+  """One example batch of what the model reads: (1, H, W, 3) float32 images or (1, T) int32
+  tokens (T = the run's sequence length, else the model's max_len)."""
+  if models.contract(model).inputs == "tokens":
+    length = int(((cfg or {}).get("data") or {}).get("seq_len") or model.max_len)
+    return jax.ShapeDtypeStruct((1, length), jnp.int32)
+  return jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+
+
+def load(checkpoint: str, target: str | None = None):
+  """(model, params, config-or-None) of the latest step under `checkpoint`: the weights that
+  stand for the run's model (crate_jax.training.weights: the EMA where evaluated, a DINO run's
+  teacher backbone), in the model's unscanned layout. With `target`, a model that cannot be
+  exported there is refused (one line) before anything is read."""
   path = os.fspath(ckpt_lib.resolve(checkpoint))  # CheckpointError if there is none
-  _, meta = ckpt_lib.load_params(path)
-  model, cfg = model_from_meta(meta)
-  ema = bool(cfg and cfg.get("ema_decay", 0) > 0 and cfg.get("eval_ema", True))
-  shape = (1, model.image_size, model.image_size, 3)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))["params"]
-  params, _ = ckpt_lib.load_params_for(abstract, path, ema=ema,
-                                      adapt=functools.partial(models.adapt_params, model))
+  model, cfg = model_from_meta(ckpt_lib.read_meta(path))
+  if target is not None:
+    setups.check_export(model, target, setup=_setup(cfg, model))
+  x = example_input(model, cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape, x.dtype))["params"]
+  config = ml_collections.ConfigDict(cfg) if cfg is not None else None
+  params, _, _ = weights_lib.load(path, config, abstract_params=abstract, model=model)
   return model, params, cfg
+
+
+def _setup(cfg, model) -> str:
+  if cfg is None:
+    return f"converted model {type(model).__name__}"
+  return f"task {cfg.get('task', 'classification')!r} with model {cfg['model']['name']!r}"
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
@@ -69,15 +92,14 @@ def torch_state_dict(model, params) -> dict[str, np.ndarray]:
     return alpha_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                     dim_head=model.dim_head)
   if type(model) is not models.CRATE:
-    raise ExportError(f"model {type(model).__name__} has no PyTorch layout to export to (CRATE, "
-                      "CRATE-alpha and CRATE-MAE have one)")
+    setups.check_export(model, "torch", setup=f"model {type(model).__name__}")
   return torch_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                   dim_head=model.dim_head)
 
 
 def export_torch(checkpoint: str, out: str) -> str:
   refuse_existing(out)
-  model, params, _ = load(checkpoint)
+  model, params, _ = load(checkpoint, "torch")
   sd = torch_state_dict(model, params)
   import torch
   tmp = out + ".partial"
@@ -87,21 +109,20 @@ def export_torch(checkpoint: str, out: str) -> str:
 
 
 def forward_fn(model, params):
-  """images (B, H, W, 3) float32, normalised -> logits (B, classes) float32."""
-  def forward(images):
-    out = model.apply({"params": params}, images)
+  """inputs (B, H, W, 3) float32 normalised images, or (B, T) int32 tokens -> logits float32."""
+  def forward(inputs):
+    out = model.apply({"params": params}, inputs)
     return jnp.asarray(out, jnp.float32)
   return forward
 
 
-def stablehlo_artifact(model, params) -> bytes:
+def stablehlo_artifact(model, params, example: jax.ShapeDtypeStruct | None = None) -> bytes:
   """jax.export of the forward pass with a symbolic batch dimension `b`, serialized."""
-  if isinstance(model, models.CRATEMAE):
-    raise ExportError("CRATE-MAE pre-training checkpoints have no classifier forward pass to "
-                      "export; fine-tune a crate_mae_classifier_* first")
+  setups.check_export(model, "stablehlo", setup=f"model {type(model).__name__}")
   from jax import export
+  example = example_input(model, None) if example is None else example
   b, = export.symbolic_shape("b")
-  spec = jax.ShapeDtypeStruct((b, model.image_size, model.image_size, 3), jnp.float32)
+  spec = jax.ShapeDtypeStruct((b, *example.shape[1:]), example.dtype)
   exported = export.export(jax.jit(forward_fn(model, params)))(spec)
   return bytes(exported.serialize())
 
@@ -109,32 +130,41 @@ def stablehlo_artifact(model, params) -> bytes:
 _README = """# {name}: StableHLO forward pass
 
 `{file}` is a serialized `jax.export` artifact (StableHLO with the weights inside):
-images float32 `(batch, {size}, {size}, 3)`, channels last, normalised as in training
-({norm}) -> logits float32 `(batch, {classes})`.
+{inputs} -> logits float32 `{logits}`.
 The batch dimension is symbolic: any batch size works. Loading needs jax only:
 
 ```python
 import jax, numpy as np
 with open("{file}", "rb") as f:
     forward = jax.export.deserialize(bytearray(f.read()))
-logits = forward.call(np.zeros((4, {size}, {size}, 3), np.float32))
+logits = forward.call(np.zeros({example}, np.{dtype}))
 ```
 {classes_line}"""
 
 
 def export_stablehlo(checkpoint: str, out: str) -> str:
   refuse_existing(out)
-  model, params, cfg = load(checkpoint)
+  model, params, cfg = load(checkpoint, "stablehlo")
   data = (cfg or {}).get("data", {})
-  blob = stablehlo_artifact(model, params)
+  x = example_input(model, cfg)
+  blob = stablehlo_artifact(model, params, x)
   from crate_jax.data import datasets
   names = datasets.saved_class_names(checkpoint)
-  info = {"model": type(model).__name__, "image_size": model.image_size,
-          "mean": list(data.get("mean", [])), "std": list(data.get("std", [])),
-          "class_names": names}
-  logits = jax.eval_shape(forward_fn(model, params),
-                          jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3),
-                                               jnp.float32))
+  tokens = models.contract(model).inputs == "tokens"
+  info = {"model": type(model).__name__, "input_shape": list(x.shape[1:]),
+          "input_dtype": str(x.dtype), "class_names": names}
+  if tokens:
+    info["tokenizer"] = data.get("tokenizer")
+    inputs = (f"token ids int32 `(batch, {x.shape[1]})` (the run's {info['tokenizer']} "
+              "tokenizer; a BPE run's tokenizer.json is beside its checkpoints)")
+  else:
+    info.update(image_size=model.image_size, mean=list(data.get("mean", [])),
+                std=list(data.get("std", [])))
+    norm = (f"`(pixel / 255 - mean) / std`, mean = {info['mean']}, std = {info['std']}"
+            if info["mean"] else "the normalisation the imported weights were trained with")
+    inputs = (f"images float32 `(batch, {model.image_size}, {model.image_size}, 3)`, channels "
+              f"last, normalised as in training ({norm})")
+  logits = jax.eval_shape(forward_fn(model, params), x)
   tmp = out.rstrip("/") + ".partial"
   os.makedirs(tmp, exist_ok=False)
   with open(os.path.join(tmp, STABLEHLO_FILE), "wb") as f:
@@ -142,11 +172,9 @@ def export_stablehlo(checkpoint: str, out: str) -> str:
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump(info, f, indent=1)
   with open(os.path.join(tmp, "README.md"), "w") as f:
-    f.write(_README.format(name=info["model"], file=STABLEHLO_FILE, size=model.image_size,
-                           norm=(f"`(pixel / 255 - mean) / std`, mean = {info['mean']}, "
-                                 f"std = {info['std']}" if info["mean"] else
-                                 "the normalisation the imported weights were trained with"),
-                           classes=logits.shape[-1],
+    f.write(_README.format(name=info["model"], file=STABLEHLO_FILE, inputs=inputs,
+                           logits="(batch, " + ", ".join(map(str, logits.shape[1:])) + ")",
+                           example=(4, *x.shape[1:]), dtype="int32" if tokens else "float32",
                            classes_line=("\nClass names (logit order) are in meta.json.\n"
                                          if names else "")))
   if os.path.isdir(out):

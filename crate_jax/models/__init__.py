@@ -12,7 +12,8 @@ from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
 from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TextModel, lm_kwargs
-from crate_jax.models.family import (adapt_params, forward_flops, has_class_token, head_params,
+from crate_jax.models.family import (Contract, adapt_params, contract, forward_flops,
+                                     has_class_token, head_params,
                                      layer_ids,
                                      layer_outputs, scan_layout)
 
@@ -50,7 +51,7 @@ for _size in BERT_SIZES:
   register(f"crate_bert_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=False))
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
-__all__ = ["TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
+__all__ = ["Contract", "contract", "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
            "from_config", "get", "has_class_token", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models import posemb
 
@@ -246,6 +247,8 @@ class CRATE(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+                                                        torch_layout=True)
 
   def embed(self, images):
     """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d).

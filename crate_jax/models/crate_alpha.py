@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models import posemb
 from crate_jax.models.crate import mssa
@@ -190,6 +191,8 @@ class CRATEAlpha(nn.Module, kw_only=True):
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+                                                        torch_layout=True)
 
   def embed(self, images):
     """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models.crate import CRATELayer, layer_macs
 from crate_jax.models.vit import ViTBlock
@@ -119,6 +120,14 @@ class TextModel(nn.Module, kw_only=True):
   pad_id: int = BYTE_VOCAB - 1    # classifier pooling skips these tokens (byte tokenizer's pad)
 
   head_params: ClassVar[tuple[str, ...]] = ("lm_head", "classifier")
+  class_token: ClassVar[bool] = False  # no class token: pool the tokens' mean
+
+  @property
+  def contract(self) -> family.Contract:
+    """Tokens in; CRATE blocks carry every white-box quantity, transformer blocks attention."""
+    return family.Contract(inputs="tokens", causal=self.causal and self.num_classes == 0,
+                           whitebox=family.WHITEBOX if self.block == "crate"
+                           else frozenset({"attention"}))
 
   @property
   def layer_output_key(self) -> str:

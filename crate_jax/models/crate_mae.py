@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models.crate import MSSA, CRATELayer, layer_macs
 
@@ -222,6 +223,10 @@ class CRATEMAE(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ()
   class_token: ClassVar[bool] = False  # its class token is never read: the decoder drops its row
+  layer_output_key: ClassVar[str] = "codes"  # `encode`'s layer outputs are the ISTA codes
+  # Its white-box quantities come from `encode` (the unmasked encoder).
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+                                                        classifier=False, torch_layout=True)
 
   @nn.nowrap
   def decoder_arch(self) -> tuple[int, int]:
@@ -313,6 +318,7 @@ class CRATEMAEClassifier(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "fc_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

@@ -1,4 +1,4 @@
-"""DINO projection head for task="dino" (crate_jax.training.dino_step puts it on the backbone).
+"""DINO projection head for task="dino" (crate_jax.training.tasks.dino puts it on the backbone).
 
 Head (DINO paper's design and defaults): 3-layer MLP d -> 2048 -> 2048 -> 256 with GELU, the
 256-d bottleneck l2-normalised, then a weight-normalised linear layer without bias to K prototypes,

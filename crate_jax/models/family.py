@@ -6,10 +6,13 @@
   layer_outputs(model, out)                 (L, B, N, d) each layer's output, from intermediates
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
   has_class_token(model)                    whether a class token's attention can be read
+  contract(model)                           what the family reads and which white-box
+                                            quantities its intermediates carry (`Contract`)
   scan_layout(params, scanned)              params between unrolled (layer_i) and scanned stacks
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -20,6 +23,40 @@ LAYER_NAME = re.compile(r"^(?:layer|block|encoderblock)_(\d+)$")
 SCANNED_NAME = re.compile(r"^(layer|block|encoderblock)_scan$")
 EMBED_NAMES = frozenset({"patch_embed", "embedding", "cls_token", "cls", "pos_embedding",
                          "mask_token"})
+
+
+# The white-box quantities a family's `return_intermediates=True` output may carry, stacked over
+# layers: normed LN(Z^l) (L, B, N, d), features U^T LN(Z^l) (L, B, N, K, p), attention
+# (L, B, K, N, N), codes (the ISTA outputs, L, B, N, d').
+WHITEBOX = frozenset({"normed", "features", "attention", "codes"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+  """What a family consumes and offers, declared by its class (`contract` ClassVar or property).
+
+  inputs       "images" (NHWC floats, batch key "image") or "tokens" (int ids, key "tokens")
+  whitebox     the WHITEBOX quantities its intermediates carry
+  classifier   apply(x) returns logits (False: e.g. CRATE-MAE's reconstruction-loss dict)
+  causal       a next-token model (generate)
+  torch_layout an official PyTorch layout to export to (crate_jax.interop.exporters)
+  """
+  inputs: str = "images"
+  whitebox: frozenset = frozenset()
+  classifier: bool = True
+  causal: bool = False
+  torch_layout: bool = False
+
+  @property
+  def batch_key(self) -> str:
+    return "tokens" if self.inputs == "tokens" else "image"
+
+
+def contract(model) -> Contract:
+  """The model's declared Contract; modules that declare none: an image classifier offering
+  no white-box quantities."""
+  declared = getattr(model, "contract", None)
+  return declared if isinstance(declared, Contract) else Contract()
 
 
 def head_params(model) -> tuple[str, ...]:

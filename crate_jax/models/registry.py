@@ -50,6 +50,8 @@ def from_config(config) -> nn.Module:
   _check(name)
   kwargs = dict(config.model.kwargs)
   fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
+  if "num_classes" not in fields:  # the data's class count, for families without a head
+    kwargs.pop("num_classes", None)
   if "dtype" in fields:
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "

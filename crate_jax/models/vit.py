@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models import posemb
 
@@ -115,6 +116,7 @@ class ViT(nn.Module, kw_only=True):
   dropout: float = 0.0
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=frozenset({"attention"}))
 
   def embed(self, images):
     """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""

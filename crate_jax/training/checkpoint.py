@@ -226,11 +226,26 @@ def resolve(path: str) -> epath.Path:
     return reader.directory / str(step)
 
 
+def load_state(path: str) -> tuple[Any, dict]:
+  """The saved state tree (host numpy arrays; "params", and for training runs "opt_state",
+  "ema_params", "task_state", ...) and meta of any of our checkpoints."""
+  with open_checkpoint(path) as (reader, step):
+    return reader.restore_host(step)
+
+
+def read_meta(path: str) -> dict:
+  """The meta (JSON) of a checkpoint, without reading any array."""
+  with open_checkpoint(path) as (reader, step):
+    out = reader.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out.meta)
+
+
 def load_params(path: str, *, ema: bool = False) -> tuple[Any, dict]:
   """Params (host numpy arrays) and meta from any of our checkpoints: train state or params-only.
-  With ema, the weight EMA where the checkpoint has one (else the params, said in the log)."""
-  with open_checkpoint(path) as (reader, step):
-    tree, meta = reader.restore_host(step)
+  With ema, the weight EMA where the checkpoint has one (else the params, said in the log).
+  Which weights stand for a training run's model is its task's choice
+  (crate_jax.training.weights); this reads the raw tree."""
+  tree, meta = load_state(path)
   if ema and tree.get("ema_params") is not None:
     return tree["ema_params"], meta
   if ema:
@@ -240,7 +255,16 @@ def load_params(path: str, *, ema: bool = False) -> tuple[Any, dict]:
 
 def load_params_for(abstract_params: Any, path: str, *, adapt: Callable | None = None,
                     keep_fresh: Any = None, drop_extra: bool = False, ema: bool = False):
-  """Params from `path` fitted to a model whose params look like `abstract_params`.
+  """`fit_params` of the params (or EMA) saved at `path`; returns (params, meta)."""
+  params, meta = load_params(path, ema=ema)
+  return fit_params(abstract_params, params, what=f"checkpoint {path}", adapt=adapt,
+                    keep_fresh=keep_fresh, drop_extra=drop_extra), meta
+
+
+def fit_params(abstract_params: Any, params: Any, *, what: str, adapt: Callable | None = None,
+               keep_fresh: Any = None, drop_extra: bool = False):
+  """Loaded params fitted to a model whose params look like `abstract_params`, placed on its
+  shardings (where the abstract leaves carry them).
 
   With drop_extra, top-level subtrees the model does not have (e.g. a CRATE-MAE decoder when
   fine-tuning its encoder) are left out; top-level subtrees named in `keep_fresh` (a dict of
@@ -248,20 +272,19 @@ def load_params_for(abstract_params: Any, path: str, *, adapt: Callable | None =
   abstract_params)` (the model family's `adapt_params`, e.g. a positional-embedding resize)
   fits what the family knows how to fit. Shapes are then checked leaf by leaf.
   """
-  params, meta = load_params(path, ema=ema)
   params = dict(params)
   if drop_extra:
     extra = sorted(set(params) - set(abstract_params))
     if extra:
-      logging.info("not loading %s from %s (the model has no such parameters)", extra, path)
+      logging.info("not loading %s from %s (the model has no such parameters)", extra, what)
     params = {k: v for k, v in params.items() if k in abstract_params}
   params.update(keep_fresh or {})
   if adapt is not None:
     params = dict(adapt(params, abstract_params))
-  check_compatible(abstract_params, params, what=f"checkpoint {path}")
+  check_compatible(abstract_params, params, what=what)
   return jax.tree.map(
       lambda a, x: jax.device_put(jax.numpy.asarray(x, a.dtype), getattr(a, "sharding", None)),
-      abstract_params, params), meta
+      abstract_params, params)
 
 
 def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:

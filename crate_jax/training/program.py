@@ -1,8 +1,9 @@
 """The jitted programs a config trains with: init, train step and eval step, with their shardings.
 
-`build` is the one place that decides them, so the train loop, `evaluate` and the TPU planner
-(`crate_jax.plan`) compile exactly the same thing: same model, optimizer, mesh, parameter and
-optimizer-state shardings (FSDP rules in `sharding`), global batch, dtypes and donation.
+`build` is the one place that decides them, so the train loop, `evaluate --protocol supervised`
+and the TPU planner (`crate_jax.plan`) compile exactly the same programs: same model, optimizer,
+mesh, parameter and optimizer-state shardings (FSDP rules in `sharding`), global batch, dtypes
+and donation. What the steps compute comes from the config's task (crate_jax.training.tasks).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ import optax
 
 from crate_jax import models
 from crate_jax.models import layers
-from crate_jax.training import optim, sharding, steps, text_tasks
+from crate_jax.training import optim, sharding, steps, tasks
 
 
 @dataclasses.dataclass
 class Program:
   """What `build` returns. `abstract_state` carries the target shardings (for restores)."""
+  task: Any
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_sharding: Any
@@ -31,24 +33,11 @@ class Program:
   train_step: Callable
   eval_step: Callable
 
-  def abstract_batch(self, global_batch: int, image_shape: tuple, num_classes: int | None,
-                     eval_: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch as the pipeline yields it (for lowering); a
-    one-dimensional shape (seq_len,) is a text batch of "tokens"."""
-    sh = self.data_sharding
-    if len(image_shape) == 1:
-      spec = {"tokens": jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.int32,
-                                             sharding=sh)}
-      if eval_:
-        spec["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=sh)
-      return spec
-    spec = {"image": jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.float32, sharding=sh),
-            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sh)}
-    if num_classes and not eval_:
-      spec["labels"] = jax.ShapeDtypeStruct((global_batch, num_classes), jnp.float32, sharding=sh)
-    if eval_:
-      spec["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=sh)
-    return spec
+  def abstract_batch(self, config, global_batch: int, *, train: bool = True
+                     ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The task's batch spec (what the pipeline yields) with the data sharding, for lowering."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.data_sharding)
+            for k, v in self.task.batch_spec(config, global_batch, train=train).items()}
 
 
 def in_mesh(fn: Callable, mesh) -> Callable:
@@ -64,40 +53,38 @@ def in_mesh(fn: Callable, mesh) -> Callable:
   return wrapped
 
 
-def build(config, model, mesh, *, task: str, total_steps: int, steps_per_epoch: int,
-          image_shape: tuple) -> Program:
-  """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule."""
+def build(config, model, mesh, *, total_steps: int, steps_per_epoch: int) -> Program:
+  """Optimizer and schedule from config.optimizer; state sharded by config.mesh's FSDP rule; the
+  state, train and eval steps from the config's task (crate_jax.training.tasks)."""
+  task = tasks.of(config)
+  input_shape = task.input_shape(config)
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
   layer_ids = None
   if config.optimizer.layer_decay < 1.0:
     shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(0)},
-                            jnp.zeros((1, *image_shape)))["params"]
+                            jnp.zeros((1, *input_shape)))["params"]
     layer_ids = models.layer_ids(model, shapes)
   tx = optim.make_optimizer(config.optimizer, schedule, layer_ids=layer_ids,
                             depth=getattr(model, "depth", None))
-  init = lambda: steps.create_train_state(model, tx, image_shape, config.seed,
-                                          ema=config.ema_decay > 0)
-  if task == "dino":  # student/teacher/centre state and steps: crate_jax.training.dino_step
-    from crate_jax.training import dino_step
-    head = dino_step.make_head(config)
-    init = lambda: dino_step.create_state(model, head, tx, image_shape, config.seed)
+  init = lambda: task.init_state(model, tx, config, input_shape)
   abstract = jax.eval_shape(init)
   state_sh = sharding.state_shardings(abstract, mesh, config.mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
   data_sh, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
-  text = text_tasks.spec_from_config(config)
-  if task == "dino":
-    train_fn = dino_step.make_train_step(model, head, tx, config, total_steps, steps_per_epoch)
-    eval_fn = dino_step.make_eval_step(model, head, config)
-  else:
-    train_fn = steps.make_train_step(model, tx, task=task, label_smoothing=config.label_smoothing,
-                                     grad_accum_steps=config.grad_accum_steps,
-                                     ema_decay=config.ema_decay, text=text)
-    eval_fn = steps.make_eval_step(model, task=task, text=text)
+  train_fn = task.train_step(model, tx, config, total_steps=total_steps,
+                             steps_per_epoch=steps_per_epoch)
+  eval_fn = task.eval_step(model, config)
+  eval_params_sh, _ = task.weights(config, tasks.state_dict(state_sh), for_eval_step=True)
   train_step = jax.jit(in_mesh(train_fn, mesh), in_shardings=(state_sh, data_sh),
                        out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(in_mesh(eval_fn, mesh), in_shardings=(state_sh.params, data_sh))
-  return Program(tx=tx, schedule=schedule, state_sharding=state_sh, data_sharding=data_sh,
-                 abstract_state=abstract, init=jax.jit(init, out_shardings=state_sh),
-                 train_step=train_step, eval_step=eval_step)
+  eval_step = jax.jit(in_mesh(eval_fn, mesh), in_shardings=(eval_params_sh, data_sh))
+  return Program(task=task, tx=tx, schedule=schedule, state_sharding=state_sh,
+                 data_sharding=data_sh, abstract_state=abstract,
+                 init=jax.jit(init, out_shardings=state_sh), train_step=train_step,
+                 eval_step=eval_step)
+
+
+def eval_params(program: Program, config, state):
+  """The params the program's eval step takes, from a live train state."""
+  return program.task.weights(config, tasks.state_dict(state), for_eval_step=True)[0]

@@ -17,6 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from crate_jax import config_lib
 from crate_jax import data
 from crate_jax.data import datasets, embedded, mix, preprocess, randaugment
+from crate_jax.training.tasks import classification
 
 from tests.helpers import ROOT
 MOCK_N = 24  # mock_data yields 24 examples for any split; the metadata says the same
@@ -174,7 +175,7 @@ def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
 
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   to_one = lambda batch: {k: jax.device_put(v, sharding) for k, v in batch.items()}
-  step = jax.jit(steps.make_eval_step(Fixed()))
+  step = jax.jit(classification.classifier_eval(Fixed()))
   got = None
   for b in batches:
     m = step(None, to_one(b))

@@ -15,7 +15,7 @@ from crate_jax import config_lib, data, models, train
 from crate_jax.data import multicrop
 from crate_jax.models import posemb
 from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax.training import dino_step
+from crate_jax.training.tasks import dino as dino_task
 from tests.helpers import ROOT, TINY_ARCH
 
 DINO_EMBEDDED = os.path.join(ROOT, "configs", "crate_dino_embedded.py")
@@ -115,23 +115,24 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
   assert ckpt_lib.Checkpoints(split).all_steps() == [1]
   train.train_and_evaluate(cfg, split)
   a, b = _state(whole), _state(split)
-  for key in ("params", "ema_params", "dino_centre", "opt_state"):
+  for key in ("params", "task_state", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
-  assert "dino_head" in a["params"] and "dino_head" in a["ema_params"]
+  teacher, centre = a["task_state"]["teacher"], a["task_state"]["centre"]
+  assert "dino_head" in a["params"] and "dino_head" in teacher
   # the teacher moved (momentum < 1) but is not the student; the centre left 0
   diff = lambda x, y: max(float(np.abs(np.asarray(p) - np.asarray(q)).max())
                           for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
-  assert diff(a["params"], a["ema_params"]) > 0
-  assert np.abs(a["dino_centre"]).max() > 0
+  assert diff(a["params"], teacher) > 0
+  assert np.abs(centre).max() > 0
   # DINO freezes the prototypes for the first epoch (here all 3 steps); the MLP moves
-  head = dino_step.make_head(cfg)
+  head = dino_task.make_head(cfg)
   init_rng = jax.random.split(jax.random.key(cfg.seed))[0]
   fresh = head.init(jax.random.fold_in(init_rng, 1), jnp.zeros((1, TINY_ARCH["dim"])))["params"]
   # (the run inits in one compiled program, this op by op: equal to float32 rounding, while one
   # update at lr 5e-4 would move them by ~1e-4)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
                a["params"]["dino_head"]["prototypes"], jax.device_get(fresh["prototypes"]))
-  assert diff(a["params"]["dino_head"]["mlp_0"], a["ema_params"]["dino_head"]["mlp_0"]) > 0
+  assert diff(a["params"]["dino_head"]["mlp_0"], teacher["dino_head"]["mlp_0"]) > 0
   rows = [r for r in __import__("crate_jax.training.metrics", fromlist=["x"]).read_jsonl(
       os.path.join(whole, "metrics.jsonl")) if "train/loss" in r]
   assert {"train/teacher_entropy", "train/teacher_kl_uniform",
@@ -148,7 +149,7 @@ def test_segmentation_scores_the_teacher(tmp_path, whole_run):
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
   params, _, weights = analyze.checkpoint_params(cfg, model, abstract, whole)
   assert weights == "teacher" and "dino_head" not in params
-  teacher = {k: v for k, v in state["ema_params"].items() if k != "dino_head"}
+  teacher = {k: v for k, v in state["task_state"]["teacher"].items() if k != "dino_head"}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), teacher)
   student = {k: v for k, v in state["params"].items() if k != "dino_head"}
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student),

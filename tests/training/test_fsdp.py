@@ -95,10 +95,9 @@ def test_activations_stay_batch_split_under_fsdp(name, kwargs, per_layer):
   config.mesh.fsdp, config.batch_size = 8, 16
   mesh = sharding.make_mesh(config.mesh)
   model = train.models.from_config(config)
-  prog = program.build(config, model, mesh, task="classification", total_steps=10,
-                       steps_per_epoch=10, image_shape=(32, 32, 3))
+  prog = program.build(config, model, mesh, total_steps=10, steps_per_epoch=10)
   text = prog.train_step.lower(prog.abstract_state,
-                               prog.abstract_batch(16, (32, 32, 3), 10)).as_text()
+                               prog.abstract_batch(config, 16, train=True)).as_text()
   constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
   assert len(constraints) >= per_layer * 2  # forward of both layers (the backward adds more)
   assert all('"data", "fsdp"' in line or "{\"data\", \"fsdp\"}" in line for line in constraints)

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from crate_jax import setups
 from crate_jax import evaluate, train
 from crate_jax.training import checkpoint as ckpt_lib
 from tests.helpers import tiny_config
@@ -67,7 +68,7 @@ def test_crate_alpha_recipes_and_the_papers_recipe():
   from crate_jax.training import optim
   pre, ft = _load("crate_alpha.py", "in21k"), _load("crate_alpha.py", "in1k")
   for c in (pre, ft):
-    config_lib.validate(c)
+    setups.validate(c)
     assert (c.optimizer.name, c.optimizer.b2, c.optimizer.grad_clip_norm) == ("adamw", 0.95, 1.0)
     assert c.batch_size == 4096 and c.num_epochs == 91 and c.optimizer.warmup_epochs == 10
     assert c.optimizer.lr * c.optimizer.final_lr_fraction == pytest.approx(1e-6)
@@ -88,7 +89,7 @@ def test_crate_alpha_recipes_and_the_papers_recipe():
   paper = _load("crate_paper.py", "crate_base")
   assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.batch_size, paper.num_epochs,
           paper.optimizer.warmup_epochs) == (2.4e-4, 0.5, 2048, 150, 5.0)
-  config_lib.validate(paper)
+  setups.validate(paper)
 
 
 def test_layer_wise_lr_decay_scales_land_on_the_right_leaves():
@@ -129,7 +130,7 @@ def test_layer_wise_lr_decay_scales_land_on_the_right_leaves():
   assert step("pos_embedding") == pytest.approx(1e-2 / 16, rel=1e-4)
   with pytest.raises(ValueError, match=r"optimizer.layer_decay=0.0: must be in \(0, 1\]"):
     cfg.optimizer.layer_decay = 0.0
-    config_lib.validate(cfg)
+    setups.validate(cfg)
 
 
 def _leaf(tree, keys):

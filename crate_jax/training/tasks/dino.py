@@ -1,0 +1,186 @@
+"""task="dino": DINO self-distillation (the pure pieces: crate_jax.training.dino).
+
+State: `params` = the student, i.e. the backbone's own params plus the projection head under
+"dino_head"; `task_state["teacher"]` = the teacher, same tree, t <- m_k t + (1 - m_k) s after
+each optimiser step with m_k = dino.momentum_schedule (config.ema_decay -> dino.momentum_final,
+cosine, as DINO); `task_state["centre"]` = the running centre (1, K). All of it is checkpointed and
+resumed with the train state. The model of a DINO run, for evaluate --protocol knn|linear,
+analyze, export and the white-box hook, is the teacher's backbone (config.eval_ema; else the
+student's), the head left out.
+
+Per step (DINO): student on the 2 global and N local crops, teacher on the 2 global crops, loss
+over all pairs of different views, centre <- EMA of the teacher's batch mean.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from crate_jax.models import dino_head
+from crate_jax.training import dino
+from crate_jax.training.tasks import base
+
+HEAD = "dino_head"
+
+
+def make_head(config) -> dino_head.DINOHead:
+  d = config.dino
+  return dino_head.DINOHead(out_dim=int(d.out_dim), hidden_dim=int(d.hidden_dim),
+                            bottleneck_dim=int(d.bottleneck_dim), num_layers=int(d.head_layers))
+
+
+def feature_dim(model, image_shape) -> int:
+  """Width of the backbone's pooled feature (`pre_logits`)."""
+  out = jax.eval_shape(lambda x: model.init_with_output(
+      {"params": jax.random.key(0), "mask": jax.random.key(0)}, x,
+      return_intermediates=True)[0][1]["pre_logits"], jnp.zeros((1, *image_shape)))
+  return int(out.shape[-1])
+
+
+def create_state(model, head, tx, image_shape, seed: int):
+  """Student = backbone init (the same key as every task) + head; teacher = a copy; centre 0."""
+  from crate_jax.training import steps
+  init_rng, state_rng = jax.random.split(jax.random.key(seed))
+  params = dict(model.init({"params": init_rng, "mask": init_rng},
+                           jnp.zeros((1, *image_shape), jnp.float32))["params"])
+  params[HEAD] = head.init(jax.random.fold_in(init_rng, 1),
+                           jnp.zeros((1, feature_dim(model, image_shape))))["params"]
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(state_rng),
+                          task_state={"teacher": jax.tree.map(jnp.copy, params),
+                                      "centre": jnp.zeros((1, head.out_dim), jnp.float32)})
+
+
+def embed(model, head, params, views, *, train: bool, rng):
+  """(B, V, H, W, 3) views -> head logits (V, B, K): the V views go through as one batch."""
+  b, v = views.shape[:2]
+  flat = jnp.swapaxes(views, 0, 1).reshape(v * b, *views.shape[2:])
+  backbone = {k: x for k, x in params.items() if k != HEAD}
+  _, out = model.apply({"params": backbone}, flat, train=train, return_intermediates=True,
+                       rngs={"dropout": rng})
+  logits = head.apply({"params": params[HEAD]}, out["pre_logits"])
+  return logits.reshape(v, b, -1)
+
+
+def _freeze_prototypes(tree, frozen):
+  """`tree` (grads or updates) with the head's prototype leaves zeroed where `frozen`."""
+  head = dict(tree[HEAD])
+  head["prototypes"] = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g),
+                                    head["prototypes"])
+  return {**tree, HEAD: head}
+
+
+def make_train_step(model, head, tx, config, total_steps: int, steps_per_epoch: int):
+  """(state, {"global" (B,2,G,G,3), "local" (B,N,L,L,3), "label"}) -> (state, metrics)."""
+  d = config.dino
+  warmup = int(round(float(d.teacher_temp_warmup_epochs) * steps_per_epoch))
+  freeze_steps = int(round(float(d.freeze_last_layer_epochs) * steps_per_epoch))
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    temp = dino.teacher_temperature(state.step, warmup, float(d.warmup_teacher_temp),
+                                    float(d.teacher_temp))
+    teacher_params, centre = state.task_state["teacher"], state.task_state["centre"]
+    teacher = jax.lax.stop_gradient(
+        embed(model, head, teacher_params, batch["global"], train=False, rng=rng))
+
+    def loss_fn(params):
+      student = embed(model, head, params, batch["global"], train=True, rng=rng)
+      if batch["local"].shape[1] > 0:
+        local = embed(model, head, params, batch["local"], train=True,
+                      rng=jax.random.fold_in(rng, 1))
+        student = jnp.concatenate([student, local], axis=0)
+      return dino.dino_loss(student, teacher, centre, student_temp=float(d.student_temp),
+                            teacher_temp=temp)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    frozen = state.step < freeze_steps  # DINO: the prototypes stay fixed for the first epoch
+    grads = _freeze_prototypes(grads, frozen)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = _freeze_prototypes(updates, frozen)
+    params = optax.apply_updates(state.params, updates)
+    momentum = dino.momentum_schedule(state.step, total_steps, float(config.ema_decay),
+                                      float(d.momentum_final))
+    teacher_params = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
+                                  teacher_params, params)
+    metrics = dict(dino.collapse_metrics(dino.teacher_targets(teacher, centre, temp)),
+                   loss=loss, teacher_temp=temp, teacher_momentum=momentum,
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    task_state = {"teacher": teacher_params,
+                  "centre": dino.update_centre(centre, teacher, float(d.centre_momentum))}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         task_state=task_state), metrics
+
+  return train_step
+
+
+class DINO(base.Task):
+  name = "dino"
+  eval_metrics = ("teacher_entropy",)
+  best = ("teacher_entropy", "min")  # the sharpest teacher; k-NN scores it
+  refuses = {"evaluate": "a DINO run has no supervised head to score: use --protocol knn or "
+                         "--protocol linear (frozen teacher features)",
+             "generate": "a DINO run is an image model"}
+
+  def validate(self, config, need):
+    dino.validate_config(config)
+
+  def batch_spec(self, config, batch_size, *, train):
+    if not train:  # the unaugmented eval images: a collapse check on held-out data
+      return base.image_batch(config, batch_size, train=False)
+    g, m = int(config.data.image_size), config.data.multicrop
+    l = int(m.local_size)
+    return {"global": jax.ShapeDtypeStruct((batch_size, 2, g, g, 3), jnp.float32),
+            "local": jax.ShapeDtypeStruct((batch_size, int(m.num_local), l, l, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+  def init_state(self, model, tx, config, input_shape):
+    return create_state(model, make_head(config), tx, input_shape, config.seed)
+
+  def train_step(self, model, tx, config, *, total_steps, steps_per_epoch):
+    return make_train_step(model, make_head(config), tx, config, total_steps, steps_per_epoch)
+
+  def eval_step(self, model, config):
+    """(teacher params with head, {"image", "mask"}) -> per-example teacher entropy (centre 0,
+    final temperature) on the unaugmented eval images."""
+    from crate_jax.training import steps
+    head, t = make_head(config), float(config.dino.teacher_temp)
+
+    def eval_step(params, batch):
+      cls = steps.eval_metrics_cls(self.eval_metrics, False)
+      logits = embed(model, head, params, batch["image"][:, None], train=False,
+                     rng=jax.random.key(0))[0]
+      return cls.single_from_model_output(
+          teacher_entropy=dino.entropy(jax.nn.softmax(logits / t, axis=-1)), mask=batch["mask"])
+    return eval_step
+
+  def check_logged(self, mean, step):
+    """train/teacher_collapsed (1/0), and a warning when the teacher has collapsed."""
+    import logging
+    warning = dino.collapse_warning({k[len("train/"):]: v for k, v in mean.items()})
+    mean["train/teacher_collapsed"] = float(warning is not None)
+    if warning:
+      logging.warning("step %d: %s", step, warning)
+
+  def weights(self, config, state, *, for_eval_step=False):
+    """The teacher (config.eval_ema) or the student; the backbone alone unless for_eval_step
+    (whose teacher-entropy check runs the head). Checkpoints written before the task registry
+    kept the teacher in ema_params (and the centre in dino_centre): read as such."""
+    teacher = (state.get("task_state") or {}).get("teacher", state.get("ema_params"))
+    use_teacher = bool(config.get("eval_ema", True)) and teacher is not None
+    params, what = (teacher, "teacher") if use_teacher else (state["params"], "student")
+    if not for_eval_step:
+      params = {k: v for k, v in params.items() if k != HEAD}
+    return params, what
+
+  def with_params(self, state, params):
+    """A warm start: the teacher starts as a copy of the new student, as at init."""
+    return state.replace(params=params, task_state=dict(
+        state.task_state, teacher=jax.tree.map(jnp.copy, params)))
+
+  def backbone_keys(self, config):
+    return (HEAD,)
+
+
+base.register(DINO())
