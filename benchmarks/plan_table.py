@@ -1,4 +1,4 @@
-"""README's TPU table: compile plans of the CRATE recipes for Cloud TPU slices, on a CPU host.
+"""The TPU table of docs/tpu-pods.md: compile plans of the CRATE recipes for Cloud TPU slices, on a CPU host.
 
   python benchmarks/plan_table.py --out workdirs/plan_table.jsonl            # compile every row
   python benchmarks/plan_table.py --out workdirs/plan_table.jsonl --markdown # print the tables
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from crate_jax import config_lib, plan  # noqa: E402
+from crate_jax import plan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (label, config file, model override or None)

@@ -1,7 +1,7 @@
 """CRATE-Base on ImageNet-1K on a 64-chip TPU pod slice: global batch 4096 = 64 chips x 64 per chip.
 
 Slice: v4-128 (64 chips, 16 hosts; the number counts TensorCores). v5litepod-64 and v5p-128 also
-have 64 chips. Launch from a workstation with gcloud (see README.md, "Training on Cloud TPU pods"):
+have 64 chips. Launch from a workstation with gcloud (see docs/tpu-pods.md):
 
   PROJECT=my-project ZONE=us-central2-b TPU_NAME=crate-b-pod BUCKET=gs://my-bucket \\
     launch/tpu/pod.sh up --accelerator-type v4-128 --spot --config configs/crate_base_pod.py

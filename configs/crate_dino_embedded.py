@@ -13,7 +13,7 @@ throughout (DINO's code default 0.04 collapsed to uniform outputs here), teacher
 28-pixel crops, no flips. Shorter 4-epoch variants (teacher momentum 0.95: collapsed; teacher
 temperature 0.01, with K 512 or 128; lr 1e-3 or 2.5e-4; 8 local 12 x 12 crops) and teacher
 temperature 0.01 at 8 epochs scored no better than this recipe's k-NN margin over random init,
-so it stays (README, DINO section, lists each). Mean pooling leaves the class token almost
+so it stays (docs/self-supervision.md lists each). Mean pooling leaves the class token almost
 untrained, so `analyze --segment`'s attention masks stay near random init here.
 """
 from crate_jax import config_lib

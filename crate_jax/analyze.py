@@ -6,11 +6,13 @@ attention maps and a PCA of the patch features of one layer.
 
 Writes into --out: layerwise.{png,json,csv}, attention_layerLL.png, pca_layerLL.png. Everything
 runs in float32. With --image-size other than the training size, the model is rebuilt for that
-size and the checkpoint's positional embedding is resized (bicubic, CLS row kept).
+size and the checkpoint's positional embedding is resized (bicubic, CLS row kept). A language
+model (CRATE-GPT, CRATE-BERT) gets the layer-wise statistics of the first --num-images sequences
+of --split: layerwise.{png,json,csv}.
 """
 from __future__ import annotations
 
-import csv
+import functools
 import json
 import os
 
@@ -18,117 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import models, setups, whitebox
+from crate_jax import analysis, models, setups, whitebox
 from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax.training import weights as weights_lib
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-class AnalyzeError(ValueError):
-  """Bad analysis input (images, layer, image size), raised before anything is compiled."""
-
-
-# ----------------------------------------------------------------------------------- images
-def image_files(path: str) -> list[str]:
-  """The PNG/JPEG files of a folder (sorted), or [path] for one image file."""
-  if not os.path.exists(path):
-    raise AnalyzeError(f"--images {path}: no such file or folder")
-  if os.path.isfile(path):
-    files = [path]
-  else:
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-    if not files:
-      raise AnalyzeError(f"--images {path}: the folder holds no PNG/JPEG images "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
-  return files
-
-
-def read_image(path: str, size: int) -> np.ndarray:
-  """RGB in [0, 1], (size, size, 3): shorter side resized to `size` (bicubic), centre crop."""
-  from PIL import Image
-  try:
-    with Image.open(path) as im:
-      im = im.convert("RGB")
-      w, h = im.size
-      scale = size / min(w, h)
-      nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-      im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-      left, top = (nw - size) // 2, (nh - size) // 2
-      im = im.crop((left, top, left + size, top + size))
-      return np.asarray(im, np.float32) / 255.0
-  except (OSError, ValueError, SyntaxError) as e:
-    raise AnalyzeError(f"cannot read image {path}: {e}") from None
-
-
-def folder_images(path: str, size: int, num_images: int):
-  """(display images in [0, 1] (B, size, size, 3), names) of the first num_images files."""
-  files = image_files(path)[:num_images]
-  return np.stack([read_image(f, size) for f in files]), [os.path.basename(f) for f in files]
-
-
-def dataset_images(config, split: str, num_images: int):
-  """(display images in [0, 1], names) of the first num_images examples of a split."""
-  try:
-    from crate_jax import data as data_lib
-  except ImportError as e:
-    raise AnalyzeError(f"--split needs the data pipeline crate_jax.data, which is not "
-                       f"importable ({e}); pass --images FOLDER instead") from None
-  batch_size = -(-num_images // jax.device_count()) * jax.device_count()
-  images, labels = [], []
-  for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split):
-    keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool))).astype(bool)
-    images.extend(np.asarray(batch["image"])[keep])
-    labels.extend(np.asarray(batch["label"])[keep])
-    if len(images) >= num_images:
-      break
-  if not images:
-    raise AnalyzeError(f"split {split!r} of dataset {config.data.name!r} yielded no images")
-  mean, std = _mean_std(config)
-  shown = np.clip(np.stack(images[:num_images]) * std + mean, 0.0, 1.0)
-  return shown.astype(np.float32), [f"{split} #{i} (label {int(l)})"
-                                    for i, l in enumerate(labels[:num_images])]
-
-
-def _mean_std(config):
-  return (np.asarray(config.data.mean, np.float32).reshape(1, 1, 1, -1),
-          np.asarray(config.data.std, np.float32).reshape(1, 1, 1, -1))
-
-
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  if images.shape[1:3] == (size, size):
-    return images
-  out = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, images.shape[-1]),
-                         method="bicubic")
-  return np.clip(np.asarray(out), 0.0, 1.0)
-
-
-# ------------------------------------------------------------------------------------ model
-def training_image_size(config) -> int:
-  return int(config.data.image_size)
-
-
-def build_model(config, image_size: int):
-  """The config's model rebuilt for `image_size`, computing in float32."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.model.kwargs.image_size = image_size
-    cfg.compute_dtype = "float32"
-  model = models.from_config(cfg)
-  if not all(hasattr(model, a) for a in ("patch_size", "depth", "heads")):
-    raise AnalyzeError(f"model {config.model.name!r} is not a CRATE classifier")
-  if image_size % model.patch_size:
-    raise AnalyzeError(f"--image-size {image_size} is not a multiple of the patch size "
-                       f"{model.patch_size}")
-  return model
-
-
-def checkpoint_params(config, model, abstract_params, checkpoint: str):
-  """(params, meta, weights) of the checkpoint fitted to `model`: the weights that stand for
-  its model, by its task's rule (crate_jax.training.weights; the EMA when evaluated, DINO's
-  teacher backbone, ...). weights names what was loaded: "teacher", "ema", "student", "params"."""
-  return weights_lib.load(checkpoint, config, abstract_params=abstract_params, model=model)
+AnalyzeError = analysis.AnalyzeError
+build_model, checkpoint_params = analysis.build_model, analysis.checkpoint_params
+training_image_size = analysis.training_image_size
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -143,6 +40,11 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   Inputs are checked (checkpoint, images, layer, size) before any model is compiled.
   """
   setups.check(config, "analyze")
+  if models.contract(models.from_config(config)).inputs == "tokens":
+    if images is not None or image_size:
+      raise AnalyzeError("--images / --image-size: a language model is analysed on its "
+                         "dataset's sequences (--split, --num-images sequences)")
+    return analyze_text(config, checkpoint, out_dir, split=split, num_sequences=num_images)
   size = int(image_size or training_image_size(config))
   if size <= 0:
     raise AnalyzeError(f"--image-size must be positive, got {size}")
@@ -154,19 +56,20 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
     raise AnalyzeError(f"--layer {layer} is out of range for a {model.depth}-layer model")
   layer = layer % model.depth
   if isinstance(images, str):
-    shown, names = folder_images(images, size, num_images)
+    shown, names = analysis.folder_images(images, size, num_images)
   elif images is not None:
-    shown = _resize(np.asarray(images, np.float32)[:num_images], size)
+    shown = analysis.resize(np.asarray(images, np.float32)[:num_images], size)
     names = list(names)[:len(shown)] if names else [f"image {i}" for i in range(len(shown))]
   else:
     split = split or config.data.eval_split
-    shown, names = dataset_images(config, split, num_images)
-    shown = _resize(shown, size)
-  mean, std = _mean_std(config)
+    shown, names = analysis.dataset_images(config, split, num_images)
+    shown = analysis.resize(shown, size)
+  mean, std = analysis.mean_std(config)
   normalised = (shown - mean) / std
 
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta, weights = checkpoint_params(config, model, abstract["params"], checkpoint)
+  abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            jnp.zeros((1, size, size, 3)))
+  params, meta, weights = checkpoint_params(config, model, abstract, checkpoint)
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
   grid = (size // model.patch_size,) * 2
@@ -188,30 +91,82 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
       "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
                                 layer=layer, names=names),
   }
-  from crate_jax.whitebox import subspaces
+  fresh = models.init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  report = {"image_size": size, "training_image_size": training_image_size(config),
+            "num_images": len(shown), "images": names, "layer": layer,
+            **({} if logits is None else {
+                "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
+                **_predicted_names(checkpoint, logits)})}
+  return _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
+                       paths, report, title)
+
+
+def _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
+                  paths, report, title) -> dict:
+  """layerwise.csv / .json (+ the subspace figure) of the layer-wise statistics, with the
+  dictionary and subspace statistics of the trained and the fresh params."""
+  from crate_jax.whitebox import figures, subspaces
   sub = subspaces.layer_subspace_stats(params)
-  sub_init = subspaces.layer_subspace_stats(
-      model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]) if sub else {}
+  sub_init = subspaces.layer_subspace_stats(fresh) if sub else {}
   rows = [{"layer": l, **{k: float(v[l]) for k, v in sorted(stats.items())},
            **{k: float(v[l]) for k, v in sub.items()},
            **{f"{k}_random_init": float(v[l]) for k, v in sub_init.items()}}
           for l in range(model.depth)]
-  paths["csv"] = _write_csv(rows, os.path.join(out_dir, "layerwise.csv"))
+  paths["csv"] = analysis.write_csv(rows, os.path.join(out_dir, "layerwise.csv"))
   if sub:
     paths["subspaces"] = figures.subspaces_figure(
         sub, sub_init, os.path.join(out_dir, "layerwise_subspaces.png"), title=title)
-  report = {
-      "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
-      "weights": weights, "image_size": size, "training_image_size": training_image_size(config),
-      "num_images": len(shown), "images": names, "layer": layer,
-      "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
-      **_predicted_names(checkpoint, logits),
-      "eps": whitebox.OFFICIAL_EPS_SQ, "lambda": float(getattr(model, "lambd", 0.1)),
-      "formulas": FORMULAS, "layers": rows}
+  report = {"model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
+            "weights": weights, **report, "eps": whitebox.OFFICIAL_EPS_SQ,
+            "lambda": float(getattr(model, "lambd", 0.1)), "formulas": FORMULAS, "layers": rows}
   paths["json"] = os.path.join(out_dir, "layerwise.json")
   with open(paths["json"], "w") as f:
     json.dump(report, f, indent=2)
   return {"paths": paths, "stats": stats, "report": report}
+
+
+def analyze_text(config, checkpoint: str, out_dir: str, *, split: str | None = None,
+                 num_sequences: int = 8) -> dict:
+  """The layer-wise coding rates and sparsity of a language model (CRATE-GPT / CRATE-BERT) on
+  the first num_sequences sequences of `split` (default the eval split; the run's tokenizer):
+  layerwise.{png,csv,json}, as for images, tokens in place of patches (N = seq_len, no class
+  token)."""
+  from crate_jax import data as data_lib
+  from crate_jax.data import tokenizers
+  from crate_jax.whitebox import figures
+  if num_sequences < 1:
+    raise AnalyzeError(f"--num-images (sequences) must be >= 1, got {num_sequences}")
+  ckpt_lib.resolve(checkpoint)
+  config = tokenizers.for_checkpoint(config, checkpoint)
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.compute_dtype = "float32"
+  model = models.from_config(cfg)
+  split = split or config.data.eval_split
+  batch_size = -(-num_sequences // jax.device_count()) * jax.device_count()
+  seqs = []
+  for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split):
+    seqs.extend(np.asarray(batch["tokens"])[np.asarray(batch["mask"]).astype(bool)])
+    if len(seqs) >= num_sequences:
+      break
+  if not seqs:
+    raise AnalyzeError(f"split {split!r} of dataset {config.data.name!r} yielded no sequences")
+  tokens = np.stack(seqs[:num_sequences]).astype(np.int32)
+  example = jnp.zeros((1, tokens.shape[1]), jnp.int32)
+  abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            example)
+  params, meta, weights = checkpoint_params(config, model, abstract, checkpoint)
+  _, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, tokens)
+  stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
+  os.makedirs(out_dir, exist_ok=True)
+  title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))}, "
+           f"{len(tokens)} sequences of {tokens.shape[1]} tokens")
+  paths = {"curves": figures.curves_figure(stats, os.path.join(out_dir, "layerwise.png"),
+                                           title=title)}
+  fresh = models.init_params(model, jax.random.key(0), example)
+  report = {"split": split, "num_sequences": len(tokens), "seq_len": int(tokens.shape[1])}
+  return _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
+                       paths, report, title)
 
 
 def _predicted_names(checkpoint, logits) -> dict:
@@ -239,14 +194,6 @@ FORMULAS = {
     "dictionary_orthogonality": "||D^T D - I||_F / ||I||_F",
     "aggregation": "per image, then mean and std (ddof=0) over images; eps = 0.01 plays eps^2",
 }
-
-
-def _write_csv(rows: list[dict], path: str) -> str:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  return path
 
 
 def main(argv):
@@ -292,7 +239,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num-images", None, "Number of images (default 8; --segment: 256).")
     flags.DEFINE_bool("segment", False, "Measure emergent segmentation (IoU per layer, head and "
                       "method against the dataset's ground truth) instead.")
-    flags.DEFINE_string("seg_methods", "attention,pca,maskcut", "--segment: methods.")
+    flags.DEFINE_string("seg_methods", "", "--segment: methods (default attention,pca,maskcut; "
+                        "pca,maskcut for families whose class token is never read, CRATE-MAE).")
     flags.DEFINE_float("seg_share", 0.6, "--segment: attention mass kept (DINO's 60% rule).")
     flags.DEFINE_float("seg_tau", 0.2, "--segment: MaskCut's cosine affinity threshold.")
     flags.DEFINE_integer("seg_objects", 1, "--segment: MaskCut objects (their union is scored).")

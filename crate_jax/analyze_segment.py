@@ -13,7 +13,7 @@ Writes segmentation.{json,csv,png} and segmentation_overlay_layerLL.png into --o
 """
 from __future__ import annotations
 
-import csv
+import functools
 import json
 import os
 
@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import analyze as analyze_lib
-from crate_jax import setups
+from crate_jax import analysis
+from crate_jax import models, setups
 from crate_jax.data.datasets import NoMasksError
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.whitebox import segment, segscore
 
-AnalyzeError = analyze_lib.AnalyzeError
+AnalyzeError = analysis.AnalyzeError
 CHUNK = 32            # images per compiled call
 OVERLAY_IMAGES = 6
 
@@ -45,15 +45,16 @@ def check_inputs(config, checkpoint: str, *, num_images: int, layer: int, method
     raise AnalyzeError(f"--seg_objects must be >= 1, got {num_objects}")
   if upsampling not in segment.UPSAMPLING:
     raise AnalyzeError(f"--seg_upsampling {upsampling!r} is not one of {segment.UPSAMPLING}")
+  model = analysis.build_model(config, analysis.training_image_size(config))
+  try:
+    methods = segscore.check_methods(model, segscore.default_methods(model) if not methods
+                                     else methods)
+  except segscore.SegmentationError as e:
+    raise AnalyzeError(f"--seg_methods: {e} (model {config.model.name!r})") from None
   try:
     setups.check(config, "segment")
   except NoMasksError as e:
     raise AnalyzeError(f"--segment: {e}") from None
-  model = analyze_lib.build_model(config, analyze_lib.training_image_size(config))
-  try:
-    methods = segscore.check_methods(model, methods)
-  except segscore.SegmentationError as e:
-    raise AnalyzeError(f"--seg_methods: {e} (model {config.model.name!r})") from None
   if not -model.depth <= layer < model.depth:
     raise AnalyzeError(f"--layer {layer} is out of range for a {model.depth}-layer model")
   try:
@@ -100,7 +101,7 @@ def per_image_ious(fn, params, images, gt) -> dict[str, np.ndarray]:
 
 
 def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None = None,
-                     num_images: int = 256, layer: int = -1, methods=segscore.METHODS,
+                     num_images: int = 256, layer: int = -1, methods=None,
                      share: float = 0.6, tau: float = 0.2, num_objects: int = 1,
                      upsampling: str = "nearest", seed: int = 0) -> dict:
   """Score every layer's masks against the ground truth; write the tables and figures. Returns
@@ -109,12 +110,13 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
                                        methods=methods, upsampling=upsampling, share=share,
                                        tau=tau, num_objects=num_objects)
   split = split or config.data.eval_split
-  size = analyze_lib.training_image_size(config)
+  size = analysis.training_image_size(config)
   images, gt = images_and_truth(config, split, num_images)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  params, meta, weights = analyze_lib.checkpoint_params(config, model, abstract["params"],
+  abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            jnp.zeros((1, size, size, 3)))
+  params, meta, weights = analysis.checkpoint_params(config, model, abstract,
                                                         checkpoint)
-  random = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))["params"]
+  random = models.init_params(model, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
   kw = dict(methods=methods, share=share, tau=tau, num_objects=num_objects, upsampling=upsampling)
   fn = jax.jit(lambda p, x, g: segscore.segmentation_ious(model, p, x, g, **kw))
   trained = per_image_ious(fn, params, images, gt)
@@ -143,7 +145,8 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
   from crate_jax.whitebox import figures
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
-  paths["csv"] = _write_csv(rows, os.path.join(out_dir, "segmentation.csv"))
+  paths["csv"] = analysis.write_csv(rows, os.path.join(out_dir, "segmentation.csv"),
+                                     ["model", "method", "layer", "head", "iou"])
   title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))} "
            f"({weights}): "
            f"{len(images)} {config.data.name}:{split} images")
@@ -198,14 +201,6 @@ def overlay(model, params, config, images, gt, layer, methods, kw, path) -> str:
     return {m: segment.upsample_mask(found[m][0], g.shape[-2:], kw["upsampling"])
             for m in methods}
   found = jax.device_get(masks(params, x))
-  mean, std = analyze_lib._mean_std(config)
+  mean, std = analysis.mean_std(config)
   shown = np.clip(x * std + mean, 0.0, 1.0)
   return figures.overlay_figure(shown, g, {m: found[m] for m in methods}, path, layer=layer)
-
-
-def _write_csv(rows: list[dict], path: str) -> str:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["model", "method", "layer", "head", "iou"])
-    writer.writeheader()
-    writer.writerows(rows)
-  return path

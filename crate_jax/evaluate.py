@@ -51,8 +51,8 @@ def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
   from crate_jax.training import tasks
   model = models.from_config(config)
   input_shape = tasks.of(config).input_shape(config)
-  init = lambda: model.init(jax.random.key(config.seed if seed is None else seed),
-                            jnp.zeros((1, *input_shape)))["params"]
+  init = lambda: models.init_params(model, jax.random.key(config.seed if seed is None else seed),
+                                    jnp.zeros((1, *input_shape)))
   if checkpoint is None:
     return model, jax.jit(init)()
   params, _, _ = weights_lib.load(checkpoint, config, abstract_params=jax.eval_shape(init),

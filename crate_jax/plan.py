@@ -130,12 +130,6 @@ def compile_step(jitted, *args) -> dict:
   return out
 
 
-def remat_policy(remat) -> str:
-  """config.remat as the policy it selects: none, full or a policy name."""
-  name = {"True": "full", "true": "full", "False": "none", "false": "none"}.get(str(remat))
-  return name or ("full" if remat is True else "none" if remat is False else str(remat))
-
-
 def fits(figures: dict, capacity: int | None) -> bool:
   """Compiled, and (when the chip's HBM is known) needs no more than it."""
   if figures["compile_error"]:
@@ -181,6 +175,7 @@ def eval_figures(config, p, prog) -> dict:
 
 def report(config, slc: Slice, with_eval: bool = True) -> dict:
   """Everything the planner prints for the config's batch on the slice (JSON-ready)."""
+  from crate_jax.models import layers
   from crate_jax.training import flops as flops_lib
   chips = len(slc.devices)
   train, (p, prog) = train_figures(config, slc)
@@ -189,7 +184,7 @@ def report(config, slc: Slice, with_eval: bool = True) -> dict:
   analytic = None if per_example is None else per_example * per_chip
   out = {"topology": slc.topology.name, "jax_topology": slc.topology.jax_name, "chips": chips,
          "hosts": slc.hosts, "chip_kind": slc.chip_kind, "model": config.model.name,
-         "mesh": dict(p.mesh.shape), "remat": remat_policy(config.remat),
+         "mesh": dict(p.mesh.shape), "remat": layers.remat_name(config.remat),
          "scan_layers": bool(config.model.scan_layers), "global_batch": config.batch_size,
          "per_host_batch": config.batch_size // slc.hosts, "per_chip_batch": per_chip,
          "hbm_capacity_bytes": slc.hbm_capacity, **train,

@@ -53,9 +53,6 @@ def check(config, command: str, *, target: str | None = None, pool: str | None =
   elif command == "analyze" and not WHITEBOX_NEEDS <= c.whitebox:
     refuse(config, command, f"{type(model).__name__} carries no white-box quantities "
             f"{sorted(WHITEBOX_NEEDS - c.whitebox)} (the CRATE families do)")
-  elif command == "analyze" and c.inputs != "images":
-    refuse(config, command, "analyze draws attention maps and feature PCAs of images; the "
-            "layer-wise rates of a text model: crate_jax.whitebox.whitebox_metrics")
   elif command == "segment":
     _check_segment(config, model, c)
   elif command == "export":
@@ -135,8 +132,10 @@ def validate(config) -> None:
          f"differs from config.data.{key}={config.data[key]} (set it once, in config.data)")
   from crate_jax import models  # local: configs load without the model stack
   from crate_jax.models import layers
-  need(config.remat in (True, False, "True", "False", "true", "false", *layers.REMAT_POLICIES),
-       "remat", f"is not one of {layers.REMAT_POLICIES} (or True/False)")
+  try:
+    layers.remat_name(config.remat)
+  except ValueError:
+    need(False, "remat", f"is not one of {layers.REMAT_POLICIES} (or True/False)")
   need(config.best_metric in ("", *task.eval_metrics), "best_metric",
        f"is not an eval metric of task {config.task!r}: {task.eval_metrics}")
   need(config.best_mode in ("", "max", "min"), "best_mode", "must be 'max' or 'min'")

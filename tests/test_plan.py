@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from crate_jax import plan, tpu_topology
+from crate_jax.models import layers
 from tests.helpers import EMBEDDED, ROOT
 
 GIB = 2 ** 30
@@ -91,7 +92,7 @@ def test_verdict_and_message():
                                            (True, "full"), ("true", "full"), ("full", "full"),
                                            ("dots_saveable", "dots_saveable")])
 def test_remat_reported_as_the_policy_it_selects(remat, policy):
-  assert plan.remat_policy(remat) == policy
+  assert layers.remat_name(remat) == policy
 
 
 def test_max_batch_search_is_short(monkeypatch):

@@ -8,6 +8,7 @@ Nothing is written unless the whole export succeeds; an existing output is refus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -70,7 +71,8 @@ def load(checkpoint: str, target: str | None = None):
   if target is not None:
     setups.check_export(model, target, setup=_setup(cfg, model))
   x = example_input(model, cfg)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(x.shape, x.dtype))["params"]
+  abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            jnp.zeros(x.shape, x.dtype))
   config = ml_collections.ConfigDict(cfg) if cfg is not None else None
   params, _, _ = weights_lib.load(path, config, abstract_params=abstract, model=model)
   return model, params, cfg

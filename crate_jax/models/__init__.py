@@ -13,7 +13,7 @@ from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
 from crate_jax.models.vit import VIT_SIZES, ViT
 from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TextModel, lm_kwargs
 from crate_jax.models.family import (Contract, adapt_params, contract, forward_flops,
-                                     has_class_token, head_params,
+                                     has_class_token, head_params, init_params,
                                      layer_ids,
                                      layer_outputs, scan_layout)
 
@@ -52,7 +52,7 @@ for _size in BERT_SIZES:
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
 __all__ = ["Contract", "contract", "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
-           "from_config", "get", "has_class_token", "head_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
+           "from_config", "get", "has_class_token", "head_params", "init_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
            "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",

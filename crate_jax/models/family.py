@@ -6,6 +6,7 @@
   layer_outputs(model, out)                 (L, B, N, d) each layer's output, from intermediates
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
   has_class_token(model)                    whether a class token's attention can be read
+  init_params(model, key, example)          params at init (every rng stream seeded)
   contract(model)                           what the family reads and which white-box
                                             quantities its intermediates carry (`Contract`)
   scan_layout(params, scanned)              params between unrolled (layer_i) and scanned stacks
@@ -57,6 +58,12 @@ def contract(model) -> Contract:
   no white-box quantities."""
   declared = getattr(model, "contract", None)
   return declared if isinstance(declared, Contract) else Contract()
+
+
+def init_params(model, key, example):
+  """model.init's params for one example batch, every rng stream a family may draw at init
+  ("mask": CRATE-MAE's masking) seeded from `key`. Jittable, and fine under jax.eval_shape."""
+  return model.init({"params": key, "mask": key, "dropout": key}, example)["params"]
 
 
 def head_params(model) -> tuple[str, ...]:

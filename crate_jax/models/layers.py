@@ -181,18 +181,29 @@ def stack_layers(per_layer: Sequence[dict]) -> dict:
 REMAT_POLICIES = ("none", "full", "layer_input", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
+def remat_name(remat: bool | str | None) -> str:
+  """The one normalisation of a `remat` value (a model field or config.remat, which may arrive
+  as a string from the command line) to its REMAT_POLICIES name: False / None / "" / "False" ->
+  "none", True / "True" -> "full"; ValueError for anything else."""
+  name = {"true": "full", "false": "none", "": "none"}.get(str(remat).lower()) if (
+      remat is None or isinstance(remat, (bool, str))) else None
+  name = "none" if remat is None else (name or remat)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES} (or True/False)")
+  return name
+
+
 def remat_policy(remat: bool | str):
-  """(remat on, jax checkpoint policy) of a model's `remat` field: False / "none" = off; True /
-  "full" / "layer_input" = recompute everything inside each layer, keep only its input;
+  """(remat on, jax checkpoint policy) of a model's `remat` field: "none" = off; "full" /
+  "layer_input" = recompute everything inside each layer, keep only its input;
   "dots_saveable" keeps every matmul output; "dots_with_no_batch_dims_saveable" keeps the ones
-  without batch dimensions (the weight-sized ones)."""
-  if remat in (False, None, "", "none"):
+  without batch dimensions (the weight-sized ones). Any form `remat_name` accepts."""
+  name = remat_name(remat)
+  if name == "none":
     return False, None
-  if remat is True or remat in ("full", "layer_input"):
+  if name in ("full", "layer_input"):
     return True, jax.checkpoint_policies.nothing_saveable
-  if remat in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
-    return True, getattr(jax.checkpoint_policies, remat)
-  raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES} (or True/False)")
+  return True, getattr(jax.checkpoint_policies, name)
 
 
 def scanned_name(name: str) -> str:

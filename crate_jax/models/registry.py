@@ -57,9 +57,9 @@ def from_config(config) -> nn.Module:
       raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "
                        "float32, bfloat16, float16")
     kwargs.setdefault("dtype", getattr(jnp, config.compute_dtype))
-  remat = {"True": True, "true": True, "False": False, "false": False}.get(str(config.remat),
-                                                                           config.remat)
-  if "remat" in fields and remat not in (False, "none"):
+  from crate_jax.models import layers
+  remat = layers.remat_name(config.remat)
+  if "remat" in fields and remat != "none":
     kwargs.setdefault("remat", remat)
   if "scan_layers" in fields and config.model.scan_layers:
     kwargs.setdefault("scan_layers", True)

@@ -64,8 +64,3 @@ def state_shardings(abstract_state, mesh: Mesh, mesh_cfg=None):
   min_size = FSDP_MIN_SIZE if mesh_cfg is None else int(mesh_cfg.fsdp_min_size)
   return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(tuple(a.shape), fsdp, min_size)),
                       abstract_state)
-
-
-def param_shardings(abstract_params, mesh: Mesh, mesh_cfg=None):
-  """Alias of `state_shardings` for a params tree (evaluate, analyze)."""
-  return state_shardings(abstract_params, mesh, mesh_cfg)

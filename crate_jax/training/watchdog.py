@@ -18,9 +18,19 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 EXIT_HUNG = 3
 BACKSTOP_S = 60.0
+
+
+def all_stacks() -> str:
+  """Every thread's Python stack, innermost call last."""
+  names = {t.ident: t.name for t in threading.enumerate()}
+  parts = []
+  for ident, frame in sys._current_frames().items():
+    parts.append(f"Thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)))
+  return "\n".join(parts)
 
 
 class Watchdog:
@@ -48,7 +58,7 @@ class Watchdog:
       self._what = what if self._cap is None else f"{what} (after SIGTERM)"
       left = self._deadline - time.monotonic()
     faulthandler.dump_traceback_later(max(left, 0.0) + BACKSTOP_S, exit=True,
-                                      file=self._stream or sys.stderr)
+                                      file=sys.__stderr__)
 
   def _disarm(self) -> None:
     with self._lock:
@@ -87,7 +97,7 @@ class Watchdog:
               f"config.preemption_grace_s={self.grace_s:.0f}); stacks follow, exiting with "
               f"status {EXIT_HUNG}. Checkpoints already written are intact.", file=stream,
               flush=True)
-        faulthandler.dump_traceback(file=stream, all_threads=True)
+        stream.write(all_stacks())
         stream.flush()
         self._exit(EXIT_HUNG)
         return

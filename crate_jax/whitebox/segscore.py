@@ -3,7 +3,9 @@ against a ground-truth foreground, per layer, head and method, with trivial base
 
   masks = layer_masks(out, grid, has_class_token=True)    # {method: bool (L, B, gh, gw)}
   ious = mask_ious(masks, gt)                              # {method: (L, B)}
-  scalars = segmentation_metrics(model, params, images, gt)  # {"whitebox/seg_iou/layer_00": x}
+  inputs = segmentation_inputs(model, out, methods)        # in the (sharded) forward program
+  scalars = segmentation_scalars(model, inputs, gt, grid, methods=methods)
+                                                           # {"whitebox/seg_iou/layer_00": x}
 
 Features: U^T LN(Z^l) concatenated over heads where the family has them (CRATE, CRATE-alpha,
 CRATE-MAE), else each layer's output (ViT). The attention method reads the class token's row.
@@ -122,20 +124,11 @@ def segmentation_inputs(model, out, methods) -> dict[str, jax.Array]:
   return inputs
 
 
-def segmentation_metrics(model, params, images, gt, *, methods=None) -> dict[str, jax.Array]:
-  """{"whitebox/seg_iou/layer_00": mean IoU, ...}: the attention method's where the family has a
-  class token, else PCA's; plus "whitebox/seg_iou_<method>/layer_00" for every method. Jittable
-  on one device; sharded programs split it (`segmentation_inputs`, then `segmentation_scalars`)."""
-  methods = default_methods(model) if methods is None else methods
-  _, out = stats.intermediates(model, params, images)
-  grid = patch_grid(model, images)
-  return segmentation_scalars(model, segmentation_inputs(model, out, methods), gt, grid,
-                              methods=methods)
-
-
 def segmentation_scalars(model, inputs, gt, grid, *, methods) -> dict[str, jax.Array]:
-  """`segmentation_metrics` from `segmentation_inputs`' output. The masks solve eigenproblems on
-  the host (segment.eigh): run this in a single-device program, never inside a sharded one."""
+  """{"whitebox/seg_iou/layer_00": mean IoU, ...} from `segmentation_inputs`' output: the
+  attention method's where the family has a class token, else the first method's; plus
+  "whitebox/seg_iou_<method>/layer_00" for every method. The masks solve eigenproblems on the
+  host (segment.eigh): run this in a single-device program, never inside a sharded one."""
   ious = mask_ious(layer_masks(model, inputs, grid, methods=methods), gt)
   main = "attention" if "attention" in methods else methods[0]
   scalars = {}

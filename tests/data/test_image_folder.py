@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import datasets, embedded, image_folder
+from crate_jax.data import datasets, embedded
 from crate_jax.data.image_folder import ImageFolderError
 from tests.helpers import ROOT, xla_flags
 

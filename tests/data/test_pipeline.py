@@ -155,7 +155,7 @@ def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
   the example's label set, over the examples that have one; both are logged under their names."""
   import jax
   import jax.numpy as jnp
-  from crate_jax.training import evaluation, steps
+  from crate_jax.training import evaluation
   config = config_lib.imagenet_config("crate_tiny")
   config.data.image_size = 32
   config.data.eval_resize = 36

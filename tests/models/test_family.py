@@ -14,7 +14,7 @@ import pytest
 from crate_jax import models
 from crate_jax.models import crate_mae as mae
 from crate_jax.models import layers as L
-from crate_jax.models.crate import CRATE, ista, mssa
+from crate_jax.models.crate import ista, mssa
 from crate_jax.models.crate_alpha import (ALPHA_LN_EPS, CRATEAlpha, CRATEAlphaLayer,
                                           OvercompleteISTA, ista_alpha)
 from crate_jax.models.vit import ViT

@@ -64,7 +64,7 @@ def _load(path, arg):
 
 def test_crate_alpha_recipes_and_the_papers_recipe():
   import jax.numpy as jnp
-  from crate_jax import config_lib, models
+  from crate_jax import models
   from crate_jax.training import optim
   pre, ft = _load("crate_alpha.py", "in21k"), _load("crate_alpha.py", "in1k")
   for c in (pre, ft):

@@ -143,5 +143,5 @@ def get(name: str) -> Task:
 
 
 def of(config) -> Task:
-  """The task a config trains."""
-  return get(config.task)
+  """The task a config trains (a saved config that names none: classification, the default)."""
+  return get(config.get("task", "classification"))

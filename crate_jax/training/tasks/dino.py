@@ -120,8 +120,7 @@ class DINO(base.Task):
   eval_metrics = ("teacher_entropy",)
   best = ("teacher_entropy", "min")  # the sharpest teacher; k-NN scores it
   refuses = {"evaluate": "a DINO run has no supervised head to score: use --protocol knn or "
-                         "--protocol linear (frozen teacher features)",
-             "generate": "a DINO run is an image model"}
+                         "--protocol linear (frozen teacher features)"}
 
   def validate(self, config, need):
     dino.validate_config(config)

@@ -1,0 +1,264 @@
+"""Every setup x every command: it works and gives a sane result, or it is refused with the
+project's one-line error before anything compiles.
+
+A row is a registered task on a representative family (tiny sizes, the embedded offline data);
+its run is trained once (2 steps) and every command is run on it in-process, through the same
+functions the command line calls. A new task or family joins by adding its row: the expected
+table says, per cell, None (works) or the refusal's text.
+"""
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import cli, config_lib, setups
+from tests.helpers import ROOT, TINY_ARCH
+
+COMMANDS = ("train", "resume", "whitebox", "evaluate", "knn", "linear", "analyze", "segment",
+            "export_torch", "export_stablehlo", "generate", "plan")
+
+# hang_timeout_s: a hang (e.g. the white-box hook's, fixed in whitebox.rates) ends the worker and
+# fails the row after 5 minutes instead of waiting forever.
+_IMAGE = {"hang_timeout_s": 300.0, "data.image_size": 28, "batch_size": 16, "eval_batch_size": 200,
+          "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": 2,
+          "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01}
+_TEXT = {"hang_timeout_s": 300.0, "batch_size": 8, "eval_batch_size": 64, "num_train_steps": 2, "log_every_steps": 1,
+         "eval_every_steps": 2, "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01,
+         "data.seq_len": 32}
+_SMALL = dict(dim=32, depth=2, heads=2, dim_head=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  config: str                     # a file in configs/
+  overrides: dict
+
+
+ROWS = {
+    "crate": Row("embedded.py", {**_IMAGE, "model.kwargs": dict(TINY_ARCH)}),
+    "crate_alpha": Row("embedded.py", {**_IMAGE, "model.name": "crate_alpha_t16",
+                                       "model.kwargs": dict(TINY_ARCH)}),
+    "vit": Row("embedded.py", {**_IMAGE, "model.name": "vit_tiny",
+                               "model.kwargs": dict(TINY_ARCH)}),
+    "crate_mae": Row("embedded_mae.py", {**_IMAGE, "model.kwargs": dict(
+        image_size=28, patch_size=7, dim=32, depth=2, heads=2, dim_head=16)}),
+    "dino": Row("crate_dino_embedded.py", {
+        **_IMAGE, "model.kwargs": dict(TINY_ARCH, patch_size=4, interpolate_pos=True,
+                                       pool="mean"),
+        "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
+        "data.multicrop.num_local": 1, "data.multicrop.local_size": 12}),
+    "crate_gpt": Row("embedded_lm.py", {**_TEXT, "model.kwargs.dim": 32,
+                                        "model.kwargs.depth": 2, "model.kwargs.heads": 2,
+                                        "model.kwargs.dim_head": 16}),
+    "gpt": Row("embedded_lm.py", {**_TEXT, "model.name": "gpt_mini", "model.kwargs.dim": 32,
+                                  "model.kwargs.depth": 2, "model.kwargs.heads": 2,
+                                  "model.kwargs.dim_head": 16}),
+    "crate_bert": Row("embedded_mlm.py", {**_TEXT, "model.kwargs.dim": 32,
+                                          "model.kwargs.depth": 2, "model.kwargs.heads": 2,
+                                          "model.kwargs.dim_head": 16}),
+}
+
+# None: works. A string: the refusal must contain it (one line, a user error, exit 2 on the CLI).
+REFUSED = {
+    ("vit", "whitebox"): "ViT carries no ['codes', 'features']",
+    ("gpt", "whitebox"): "TextModel carries no ['codes', 'features']",
+    ("dino", "evaluate"): "no supervised head to score",
+    ("crate_mae", "evaluate"): None,
+    ("vit", "analyze"): "ViT carries no white-box quantities",
+    ("gpt", "analyze"): "TextModel carries no white-box quantities",
+    ("vit", "export_torch"): "ViT has no PyTorch layout",
+    ("crate_mae", "export_stablehlo"): "has no classifier forward pass",
+    ("crate_bert", "generate"): "not a causal language model",
+}
+for _row in ("crate_gpt", "gpt", "crate_bert"):
+  REFUSED.update({(_row, "knn"): "has no labels to probe", (_row, "linear"): "has no labels",
+                  (_row, "segment"): "segmentation needs images",
+                  (_row, "export_torch"): "TextModel has no PyTorch layout"})
+for _row in ("crate", "crate_alpha", "vit", "crate_mae", "dino"):
+  REFUSED[(_row, "generate")] = "not a causal language model"
+
+
+def expected(row: str, command: str):
+  return REFUSED.get((row, command))
+
+
+class Context:
+  """One row: its config and (trained on first use) run directory."""
+
+  def __init__(self, row: str, root):
+    self.name, self.row, self.root = row, ROWS[row], root
+    self.workdir = str(root / row)
+    self._trained = None
+
+  def config(self, **extra):
+    from crate_jax import config_lib
+    overrides = {"data.data_dir": str(self.root / "tfds"), **self.row.overrides, **extra}
+    return config_lib.load_config(os.path.join(ROOT, "configs", self.row.config), **overrides)
+
+  def whitebox_allowed(self) -> bool:
+    try:
+      setups.check(self.config(whitebox_every_steps=2), "train")
+      return True
+    except setups.UnsupportedError:
+      return False
+
+  def trained(self):
+    """The row's run: 2 steps, evaluated and saved at step 2 (with the white-box hook where
+    the setup allows it)."""
+    if self._trained is None:
+      from crate_jax import train
+      cfg = self.config(whitebox_every_steps=2 if self.whitebox_allowed() else 0)
+      self._trained = train.train_and_evaluate(cfg, self.workdir)
+    return self._trained
+
+
+def _finite(metrics: dict) -> dict:
+  assert metrics and all(np.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+  return metrics
+
+
+def run_cell(ctx: Context, command: str):
+  """Run one command on the row's run; returns a short description of what it gave."""
+  from crate_jax.training import checkpoint as ckpt_lib
+  from crate_jax.training import metrics as metrics_lib
+  cfg = ctx.config()
+  out = ctx.root / f"{ctx.name}_{command}"
+  if command == "train":
+    return _finite(ctx.trained())
+  if command == "resume":
+    ctx.trained()
+    from crate_jax import train
+    more = train.train_and_evaluate(ctx.config(num_train_steps=3), ctx.workdir)
+    assert ckpt_lib.Checkpoints(ctx.workdir).all_steps()[-1] == 3
+    return _finite(more)
+  if command == "whitebox":
+    setups.check(ctx.config(whitebox_every_steps=2), "train")
+    ctx.trained()
+    rows = metrics_lib.read_jsonl(os.path.join(ctx.workdir, "metrics.jsonl"))
+    keys = {k for r in rows for k in r if k.startswith("whitebox/")}
+    assert any(k.endswith("/coding_rate_c") for k in keys), sorted(keys)[:5]
+    return f"{len(keys)} whitebox/ series"
+  if command == "evaluate":
+    from crate_jax import evaluate
+    setups.check(cfg, "evaluate")
+    ctx.trained()
+    return _finite(evaluate.evaluate_checkpoint(cfg, ctx.workdir))
+  if command in ("knn", "linear"):
+    from crate_jax import evaluate
+    setups.check(cfg, command, pool="mean")
+    ctx.trained()
+    r = evaluate.frozen_feature_eval(cfg, ctx.workdir, command, pool="mean")
+    assert 0.0 <= r["top1"] <= 1.0 and r["num_test"] > 0
+    return r["top1"]
+  if command == "analyze":
+    from crate_jax import analyze
+    setups.check(cfg, "analyze")
+    ctx.trained()
+    r = analyze.analyze(cfg, ctx.workdir, str(out), num_images=2)
+    assert np.isfinite(r["stats"]["coding_rate_c"]).all()
+    return sorted(r["paths"])
+  if command == "segment":
+    from crate_jax import analyze_segment
+    setups.check(cfg, "segment")
+    ctx.trained()
+    r = analyze_segment.segment_analysis(cfg, ctx.workdir, str(out), num_images=4)["report"]
+    assert all(0.0 <= v <= 1.0 for e in r["layers"] for k, v in e.items() if k != "layer")
+    return r["weights"]
+  if command == "export_torch":
+    from crate_jax.interop import exporters
+    ctx.trained()
+    path = exporters.export_torch(ctx.workdir, str(out) + ".pt")
+    import torch
+    assert len(torch.load(path, weights_only=True)) > 0
+    return os.path.basename(path)
+  if command == "export_stablehlo":
+    return _check_stablehlo(ctx, str(out))
+  if command == "generate":
+    from crate_jax import generate
+    ctx.trained()
+    model, params, _ = generate.load(ctx.workdir)
+    ids = generate.generate(model, params, [65, 66], max_new_tokens=3, temperature=0.0)
+    assert len(ids) == 5
+    return ids.tolist()
+  if command == "plan":
+    return _check_plan(cfg)
+  raise AssertionError(command)
+
+
+def _check_stablehlo(ctx, out: str):
+  """The exported forward pass equals the model's own on the weights the run stands for."""
+  from crate_jax import models
+  from crate_jax.interop import exporters
+  from crate_jax.training import checkpoint as ckpt_lib
+  ctx.trained()
+  exporters.export_stablehlo(ctx.workdir, out)
+  with open(os.path.join(out, exporters.STABLEHLO_FILE), "rb") as f:
+    forward = jax.export.deserialize(bytearray(f.read()))
+  model, params, cfg = exporters.load(ctx.workdir)
+  example = exporters.example_input(model, cfg)
+  x = (np.random.default_rng(0).integers(0, 100, (3, *example.shape[1:])).astype(np.int32)
+       if example.dtype == jnp.int32 else
+       np.random.default_rng(0).normal(size=(3, *example.shape[1:])).astype(np.float32))
+  want = model.apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(forward.call(x)), np.asarray(want), atol=1e-5)
+  del ckpt_lib, models
+  return tuple(example.shape[1:])
+
+
+def _check_plan(cfg):
+  from crate_jax import plan, tpu_topology
+  if not tpu_topology.libtpu_installed():
+    pytest.skip("libtpu is not installed (the [tpu] extra)")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.batch_size, cfg.eval_batch_size = 16, 16
+  r = plan.report(cfg, _slice())
+  assert r["fits"] and r["flops_per_chip"] > 0 and r["eval"]["fits"], r
+  return r["per_chip_batch"]
+
+
+@functools.cache
+def _slice():
+  from crate_jax import plan
+  return plan.Slice.create("v5e:2x2")
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory):
+  root = tmp_path_factory.mktemp("matrix")
+  return {row: Context(row, root) for row in ROWS}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_every_command(row, contexts):
+  """One row: every command works, or is refused as the table says (one line, a user error)."""
+  ctx = contexts[row]
+  failures = []
+  for command in COMMANDS:
+    want = expected(row, command)
+    try:
+      got = run_cell(ctx, command)
+    except pytest.skip.Exception:
+      continue
+    except Exception as e:  # noqa: BLE001 - sorted below
+      message = str(e)
+      if want is None:
+        failures.append(f"{command}: expected to work, raised {type(e).__name__}: {message}")
+      elif not (cli.is_user_error(e) and "\n" not in message.strip() and want in message):
+        failures.append(f"{command}: expected a one-line refusal containing {want!r}, got "
+                        f"{type(e).__name__}: {message}")
+      continue
+    if want is not None:
+      failures.append(f"{command}: expected a refusal ({want!r}), but it worked: {got}")
+  assert not failures, "\n".join(failures)
+
+
+def test_the_table_covers_every_task():
+  """A registered task without a row fails here: the matrix grows by registration."""
+  from crate_jax.training import tasks
+  rows = {config_lib.load_config(os.path.join(ROOT, "configs", r.config)).task
+          if "task" not in r.overrides else r.overrides["task"] for r in ROWS.values()}
+  assert set(tasks.names()) <= rows
