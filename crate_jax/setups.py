@@ -46,8 +46,6 @@ def check(config, command: str, *, target: str | None = None, pool: str | None =
     refuse(config, "the white-box hook (config.whitebox_every_steps)",
             f"{type(model).__name__} carries no {sorted(WHITEBOX_NEEDS - c.whitebox)} "
             "(the CRATE families do); set whitebox_every_steps=0")
-  elif command == "evaluate" and not (c.classifier or task.name == "mae"):
-    refuse(config, command, f"{type(model).__name__} has no head to score")
   elif command in ("knn", "linear"):
     _check_probe(config, command, task, model, pool)
   elif command == "analyze" and not WHITEBOX_NEEDS <= c.whitebox:
@@ -153,13 +151,12 @@ def validate(config) -> None:
 
 def _validate_text(config, need, task, model) -> None:
   """Text: a known tokenizer whose ids fit the model's vocabulary, sequences that fit its
-  position table, a GLUE task trained as classification."""
+  position table, a GLUE task's class count and pad id (the task modules say which datasets
+  their objective reads)."""
   from crate_jax.data import text_datasets, tokenizers
   tokenizers.check(config.data.tokenizer)
   classifying = text_datasets.is_classification(config.data.name)
   if classifying:
-    need(config.task == "classification", "task",
-         f"does not fit the text dataset {config.data.name!r} (use classification)")
     classes = text_datasets.spec(config.data.name).num_classes
     need(config.data.num_classes == classes, "data.num_classes",
          f"{config.data.name} has {classes} classes")

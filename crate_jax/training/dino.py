@@ -94,37 +94,3 @@ def collapse_warning(metrics: dict, threshold: float = 0.95) -> str | None:
     return (f"DINO teacher collapse: every example picks the same prototype (KL to uniform "
             f"{kl:.1%} of log K); raise the centre momentum's effect or the teacher temperature")
   return None
-
-
-def validate_config(config) -> None:
-  """task="dino" checks (before anything compiles): one ValueError naming the key."""
-  if "dino" not in config or "multicrop" not in config.data:
-    raise ValueError("config.task='dino' needs config.dino and config.data.multicrop "
-                     "(start from crate_jax.config_lib.dino_config)")
-  d, m = config.dino, config.data.multicrop
-  if not 0.0 <= float(config.ema_decay) < 1.0:
-    raise ValueError(f"config.ema_decay={config.ema_decay!r} (the DINO teacher momentum) must be "
-                     "in [0, 1)")
-  if not float(config.ema_decay) <= float(d.momentum_final) <= 1.0:
-    raise ValueError(f"config.dino.momentum_final={d.momentum_final!r} must be in "
-                     f"[config.ema_decay, 1]")
-  if int(d.out_dim) < 2:
-    raise ValueError(f"config.dino.out_dim={d.out_dim!r}: DINO needs at least 2 prototypes")
-  for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-    if not float(d[key]) > 0:
-      raise ValueError(f"config.dino.{key}={d[key]!r} must be > 0")
-  if not 0.0 <= float(d.centre_momentum) < 1.0:
-    raise ValueError(f"config.dino.centre_momentum={d.centre_momentum!r} must be in [0, 1)")
-  if int(m.local_size) > int(config.data.image_size):
-    raise ValueError(f"config.data.multicrop.local_size={m.local_size} is larger than the global "
-                     f"crops (config.data.image_size={config.data.image_size})")
-  patch = config.model.kwargs.get("patch_size", 1)
-  if int(m.local_size) % int(patch):
-    raise ValueError(f"config.data.multicrop.local_size={m.local_size} is not divisible by "
-                     f"config.model.kwargs.patch_size={patch}")
-  if int(m.num_local) > 0 and int(m.local_size) != int(config.data.image_size) and not \
-      config.model.kwargs.get("interpolate_pos", False):
-    raise ValueError("config.model.kwargs.interpolate_pos must be True for local crops smaller "
-                     "than the global ones")
-  if config.grad_accum_steps != 1:
-    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps}: task='dino' takes 1")

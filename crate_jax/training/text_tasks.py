@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-TEXT_TASKS = ("lm", "mlm")
 EVAL_METRICS = ("loss", "accuracy", "bytes_per_token")
 MLM_EVAL_SEED = 0   # eval masks: one fixed key, so every evaluation masks the same positions
 
@@ -41,14 +40,6 @@ class TextSpec:
                mlm_probability=float(mlm_probability))
 
 
-def spec_from_config(config) -> TextSpec | None:
-  """The TextSpec of a text-task config (its tokenizer, config.mlm_probability); None otherwise."""
-  if config.task not in TEXT_TASKS:
-    return None
-  from crate_jax.data import tokenizers
-  return TextSpec.from_tokenizer(tokenizers.from_config(config.data), config.mlm_probability)
-
-
 def mlm_corrupt(tokens: jax.Array, rng: jax.Array, spec: TextSpec):
   """BERT's corruption: (inputs, chosen) with chosen (B, T) bool the positions to predict."""
   k_choose, k_kind, k_random = jax.random.split(rng, 3)
@@ -60,31 +51,30 @@ def mlm_corrupt(tokens: jax.Array, rng: jax.Array, spec: TextSpec):
   return inputs, chosen
 
 
-def token_outputs(model, params, tokens, rng, task: str, spec: TextSpec, *, train: bool):
-  """Per predicted position: (nats (B, T'), correct (B, T'), bytes (B, T'), weight (B, T'))."""
+def token_outputs(model, params, tokens, rng, spec: TextSpec, *, causal: bool, train: bool):
+  """Per predicted position: (nats (B, T'), correct (B, T'), bytes (B, T'), weight (B, T')):
+  next-token prediction when `causal` (lm), else BERT's masked-token prediction (mlm)."""
   tokens = jnp.asarray(tokens, jnp.int32)
   k_mask, k_dropout = jax.random.split(rng)
-  if task == "lm":
+  if causal:
     logits = model.apply({"params": params}, tokens, train=train, rngs={"dropout": k_dropout})
     logits, targets = logits[:, :-1], tokens[:, 1:]
     weight = jnp.ones(targets.shape, jnp.float32)
-  elif task == "mlm":
+  else:
     inputs, chosen = mlm_corrupt(tokens, k_mask, spec)
     logits = model.apply({"params": params}, inputs, train=train, rngs={"dropout": k_dropout})
     targets, weight = tokens, chosen.astype(jnp.float32)
-  else:
-    raise ValueError(f"task {task!r} is not a text task {TEXT_TASKS}")
   nats = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   nbytes = jnp.asarray(np.asarray(spec.token_bytes, np.float32))[targets]
   return nats, correct, nbytes, weight
 
 
-def train_loss_fn(model, task: str, spec: TextSpec):
+def train_loss_fn(model, spec: TextSpec, *, causal: bool):
   """(params, batch, rng) -> (loss, metrics): the token-weighted mean cross-entropy."""
   def loss_fn(params, batch, rng):
-    nats, correct, _, weight = token_outputs(model, params, batch["tokens"], rng, task, spec,
-                                             train=True)
+    nats, correct, _, weight = token_outputs(model, params, batch["tokens"], rng, spec,
+                                             causal=causal, train=True)
     total = jnp.maximum(weight.sum(), 1.0)
     loss = (nats * weight).sum() / total
     return loss, {"loss": loss, "accuracy": (correct * weight).sum() / total,
@@ -92,11 +82,12 @@ def train_loss_fn(model, task: str, spec: TextSpec):
   return loss_fn
 
 
-def eval_outputs(model, params, batch, task: str, spec: TextSpec) -> dict:
+def eval_outputs(model, params, batch, spec: TextSpec, *, causal: bool) -> dict:
   """The clu model outputs of one eval batch: per-token values and their mask (B, T'), so the
   metrics are averages over predicted tokens of real (unpadded) sequences."""
   nats, correct, nbytes, weight = token_outputs(
-      model, params, batch["tokens"], jax.random.key(MLM_EVAL_SEED), task, spec, train=False)
+      model, params, batch["tokens"], jax.random.key(MLM_EVAL_SEED), spec, causal=causal,
+      train=False)
   return dict(loss=nats, accuracy=correct, bytes_per_token=nbytes,
               mask=weight * batch["mask"][:, None])
 

@@ -31,7 +31,7 @@ def test_next_token_loss_matches_float64_reference():
   rng = np.random.default_rng(0)
   table = jnp.asarray(rng.normal(size=(259, 259)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 256, (3, 10)), jnp.int32)
-  loss, metrics = text_tasks.train_loss_fn(FixedLogits(table), "lm", SPEC)(
+  loss, metrics = text_tasks.train_loss_fn(FixedLogits(table), SPEC, causal=True)(
       None, {"tokens": tokens}, jax.random.key(0))
   t64, tok = np.asarray(table, np.float64), np.asarray(tokens)
   logits = t64[tok[:, :-1]]
@@ -64,7 +64,7 @@ def test_mlm_loss_counts_only_the_chosen_positions():
   tokens = jax.random.randint(jax.random.key(4), (4, 64), 0, 256)
   rng = jax.random.key(5)
   nats, _, _, weight = jax.jit(lambda t, k: text_tasks.token_outputs(
-      FixedLogits(table), None, t, k, "mlm", SPEC, train=True))(tokens, rng)
+      FixedLogits(table), None, t, k, SPEC, causal=False, train=True))(tokens, rng)
   inputs, chosen = text_tasks.mlm_corrupt(tokens, jax.random.split(rng)[0], SPEC)
   np.testing.assert_array_equal(weight, np.asarray(chosen, np.float32))
   logp = jax.nn.log_softmax(table[inputs])

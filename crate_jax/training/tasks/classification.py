@@ -67,6 +67,18 @@ class Classification(base.Task):
   eval_metrics = ("loss", "top1", "top5")
   best = ("top1", "max")
 
+  def validate(self, config, need):
+    from crate_jax import models
+    model = models.from_config(config)
+    need(models.contract(model).classifier, "model.name",
+         f"{type(model).__name__} is not a classifier (task classification needs logits; "
+         "train it with its own objective)")
+    if self.reads_tokens(config):
+      from crate_jax.data import text_datasets
+      need(text_datasets.is_classification(config.data.name), "data.name",
+           "has no labels: task classification on text reads a GLUE task (corpora train with "
+           "task lm or mlm)")
+
   def batch_spec(self, config, batch_size, *, train):
     if not self.reads_tokens(config):
       return base.image_batch(config, batch_size, train=train)

@@ -123,7 +123,26 @@ class DINO(base.Task):
                          "--protocol linear (frozen teacher features)"}
 
   def validate(self, config, need):
-    dino.validate_config(config)
+    """DINO's keys, the multi-crop views (crate_jax.data.multicrop.check) and what the backbone
+    must do with the local crops; before anything compiles."""
+    need("dino" in config and "multicrop" in config.data, "task",
+         "needs config.dino and config.data.multicrop (start from config_lib.dino_config)")
+    d, m = config.dino, config.data.multicrop
+    need(float(config.ema_decay) <= float(d.momentum_final) <= 1.0, "dino.momentum_final",
+         f"must be in [config.ema_decay={config.ema_decay}, 1]")
+    need(int(d.out_dim) >= 2, "dino.out_dim", "DINO needs at least 2 prototypes")
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+      need(float(d[key]) > 0, f"dino.{key}", "must be > 0")
+    need(0.0 <= float(d.centre_momentum) < 1.0, "dino.centre_momentum", "must be in [0, 1)")
+    from crate_jax.data import multicrop
+    multicrop.check(config.data)
+    patch = int(config.model.kwargs.get("patch_size", 1))
+    need(int(m.local_size) % patch == 0, "data.multicrop.local_size",
+         f"is not divisible by config.model.kwargs.patch_size={patch}")
+    need(int(m.num_local) == 0 or int(m.local_size) == int(config.data.image_size)
+         or config.model.kwargs.get("interpolate_pos", False), "model.kwargs.interpolate_pos",
+         "must be True for local crops smaller than the global ones")
+    need(config.grad_accum_steps == 1, "grad_accum_steps", "task 'dino' takes 1")
 
   def batch_spec(self, config, batch_size, *, train):
     if not train:  # the unaugmented eval images: a collapse check on held-out data

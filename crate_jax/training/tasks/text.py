@@ -38,7 +38,7 @@ class _TextTask(base.Task):
                                               config.mlm_probability)
 
   def loss_fn(self, model, config):
-    return text_tasks.train_loss_fn(model, self.name, self.spec(config))
+    return text_tasks.train_loss_fn(model, self.spec(config), causal=self.causal)
 
   def eval_step(self, model, config):
     from crate_jax.training import steps
@@ -47,7 +47,7 @@ class _TextTask(base.Task):
     def eval_step(params, batch):
       cls = steps.eval_metrics_cls(self.eval_metrics, False)
       return cls.single_from_model_output(
-          **text_tasks.eval_outputs(model, params, batch, self.name, text))
+          **text_tasks.eval_outputs(model, params, batch, text, causal=self.causal))
     return eval_step
 
   def derived_metrics(self, metrics):
