@@ -151,7 +151,8 @@ def test_analyze_segment_on_pets(pets, tmp_path):
 def test_whitebox_hook_without_masks_skips_seg_iou(caplog, tmp_path):
   """A dataset without masks (cifar10, mock data): the hook logs that and gives the other
   white-box metrics, no whitebox/seg_iou."""
-  from crate_jax import models, train
+  from crate_jax import models
+  from crate_jax.training import hooks
   from tests.data.test_pipeline import write_mock_metadata
   root = write_mock_metadata(tmp_path / "tfds", {"cifar10": {"train": 8, "test": 8}})
   cfg = config_lib.load_config(EMBEDDED, **{
@@ -161,7 +162,7 @@ def test_whitebox_hook_without_masks_skips_seg_iou(caplog, tmp_path):
   model = models.from_config(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   with caplog.at_level(logging.INFO), tfds.testing.mock_data(num_examples=8, data_dir=root):
-    hook = train._whitebox_hook(cfg, types.SimpleNamespace(model=model, task="classification"))
+    hook = hooks.whitebox_hook(cfg, types.SimpleNamespace(model=model))
   assert "dataset cifar10 has no segmentation masks" in caplog.text
   metrics = hook(params)
   assert "whitebox/layer_01/sparsity" in metrics
