@@ -107,9 +107,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
-  """2 processes x 4 CPU devices (jax.distributed on loopback) == 1 process x 8 devices."""
-  overrides = {"num_train_steps": 4, "checkpoint_every_steps": 4, "data.data_dir": str(data_dir)}
+def _two_processes(workdir, overrides):
+  """Run the train loop as 2 processes x 4 CPU devices (jax.distributed on loopback)."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -118,11 +117,19 @@ def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
                XLA_FLAGS=xla_flags(4), PYTHONPATH=ROOT)
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests", "training", "multihost_worker.py"),
-         str(tmp_path / "multi"), json.dumps(overrides)],
+         str(workdir), json.dumps(overrides)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=240)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+
+
+def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
+  """2 processes x 4 CPU devices (jax.distributed on loopback) == 1 process x 8 devices; then a
+  warm start from that run with FSDP spanning both processes (every parameter sharded over the
+  8 devices of 2 hosts) loads exactly its weights."""
+  overrides = {"num_train_steps": 4, "checkpoint_every_steps": 4, "data.data_dir": str(data_dir)}
+  _two_processes(tmp_path / "multi", overrides)
 
   # Reference: one process, 8 devices, global batch = [process 0 shard; process 1 shard].
   real = train.data_lib.train_iterator
@@ -140,3 +147,11 @@ def test_two_processes_match_single_process(tmp_path, data_dir, monkeypatch):
   np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
                final_params(str(tmp_path / "multi")), final_params(str(tmp_path / "single")))
+
+  # lr 0: the one step changes nothing, so the warm-started run's params are what it loaded
+  warm = {**overrides, "num_train_steps": 1, "checkpoint_every_steps": 1, "eval_every_steps": 1,
+          "init_from": str(tmp_path / "multi"), "init_head": False, "optimizer.lr": 0.0,
+          "optimizer.weight_decay": 0.0, "mesh.fsdp": 8, "mesh.fsdp_min_size": 1}
+  _two_processes(tmp_path / "warm", warm)
+  jax.tree.map(np.testing.assert_array_equal, final_params(str(tmp_path / "warm")),
+               final_params(str(tmp_path / "multi")))
