@@ -26,7 +26,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "tpu": TPU,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.17,<0.18"],
     },
     license="Apache-2.0",
 )

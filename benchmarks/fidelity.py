@@ -130,7 +130,8 @@ def main(argv=None) -> int:
   for framework, rows in runs.items():
     top1 = 100 * np.array([r["top1"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
-    print(f"{framework:9s}  {len(rows):5d}  {top1.mean():6.2f} +- {top1.std(ddof=1) if len(rows) > 1 else 0:4.2f}"
+    print(f"{framework:9s}  {len(rows):5d}  {top1.mean():6.2f} +- "
+          f"{top1.std(ddof=1) if len(rows) > 1 else 0:4.2f}"
           f"          {loss.mean():.4f} +- {loss.std(ddof=1) if len(rows) > 1 else 0:.4f}")
   if args.json:
     with open(args.json, "w") as f:

@@ -1,4 +1,5 @@
-"""The TPU table of docs/tpu-pods.md: compile plans of the CRATE recipes for Cloud TPU slices, on a CPU host.
+"""The TPU table of docs/tpu-pods.md: compile plans of the CRATE recipes for Cloud TPU slices,
+on a CPU host.
 
   python benchmarks/plan_table.py --out workdirs/plan_table.jsonl            # compile every row
   python benchmarks/plan_table.py --out workdirs/plan_table.jsonl --markdown # print the tables
@@ -153,7 +154,8 @@ def markdown(rows: list[dict]) -> str:
       ratio = f"{rep['flops_ratio']:.3f}" if rep.get("flops_ratio") else "-"
     lines.append(f"| {label} ({batch}) | " + " | ".join(cells) + f" | {ratio} |")
   lines += ["", "Largest per-chip batch that fits on v5litepod-8 (16 GiB per chip), scanned "
-            "layers; per-chip argument bytes (params, optimizer state and the batch) at the recipe batch; "
+            "layers; per-chip argument bytes (params, optimizer state and the batch) at the recipe "
+            "batch; "
             "compile time (s) of the train step at the recipe batch, unrolled vs scanned (oom: "
             "refused by the HBM check, `-`: no figure for a refused compile).", "",
             "| model | plain | remat (full) | FSDP (fsdp=8) | arguments plain / FSDP (GiB) | "
@@ -181,8 +183,8 @@ def markdown(rows: list[dict]) -> str:
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {arg} | {times} |")
   remat = [r for r in rows if r["part"] == "remat"]
   if remat:
-    lines += ["", "Per-chip HBM (GiB) of the train step at the recipe batch on v5litepod-8 per remat "
-              "policy (scanned layers; `x` = does not fit):", "",
+    lines += ["", "Per-chip HBM (GiB) of the train step at the recipe batch on v5litepod-8 per "
+              "remat policy (scanned layers; `x` = does not fit):", "",
               "| model (per-chip batch) | " + " | ".join(REMAT_POLICIES) + " |",
               "|---|" + "---|" * len(REMAT_POLICIES)]
     for label in dict.fromkeys(r["label"] for r in remat):
@@ -210,7 +212,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--markdown", action="store_true", help="print the tables from --out")
   ap.add_argument("--parts", default="recipe,unrolled,maxbatch,pod,remat")

@@ -1,4 +1,5 @@
-"""CRATE-Large on ImageNet-1K with the official recipe (Lion, lr 2e-4, wd 0.05, batch 512, 200 epochs).
+"""CRATE-Large on ImageNet-1K with the official recipe (Lion, lr 2e-4, wd 0.05, batch 512,
+200 epochs).
 
 On GPUs with less memory add --config.remat=True or --config.grad_accum_steps=2.
 

@@ -2,7 +2,8 @@
 attention maps and a PCA of the patch features of one layer.
 
   python -m crate_jax.analyze --config configs/embedded.py --checkpoint workdirs/embedded \
-      --out analysis [--images FOLDER | --split test] [--num-images 8] [--layer -1] [--image-size 56]
+      --out analysis [--images FOLDER | --split test] [--num-images 8] [--layer -1] \
+      [--image-size 56]
 
 Writes into --out: layerwise.{png,json,csv}, attention_layerLL.png, pca_layerLL.png. Everything
 runs in float32. With --image-size other than the training size, the model is rebuilt for that

@@ -177,7 +177,8 @@ DEFINITIONS = {
            "then the mean over images",
     "attention": "smallest patch set holding `share` of the class token's attention (mean over "
                  "heads; per head in `heads`)",
-    "pca": "first principal component of the patch features above the midpoint of its range, minority side",
+    "pca": "first principal component of the patch features above the midpoint of its range, "
+           "minority side",
     "maskcut": "normalized cut of the cosine affinity graph (W = 1 if cos >= tau else 1e-5), "
                "union of num_objects cuts",
     "features": "U^T LN(Z^l) over all heads (CRATE families), else the layer output",

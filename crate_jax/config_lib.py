@@ -2,8 +2,9 @@
 
 configs/crate_base.py etc. call `base_config(model)` and override fields; crate_jax.setups
 checks the result (and what each command asks of it) before anything is compiled, with one clear
-error naming the offending key. This module is schema and defaults only. The model's image size and class count are references to the data's
-(`data.image_size`, `data.num_classes`): set them once, in `data`.
+error naming the offending key. This module is schema and defaults only. The model's image size
+and class count are references to the data's (`data.image_size`, `data.num_classes`): set them
+once, in `data`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0    # stochastic depth (CRATE, CRATE-alpha, ViT), linear in depth
   c.model.kwargs = ml_collections.ConfigDict({"patch_size": 16})  # image_size, num_classes: below
   c.compute_dtype = "bfloat16"   # params and optimizer state stay float32
-  c.remat = "none"                # or full (= True), dots_saveable, ...: models.layers.REMAT_POLICIES
+  c.remat = "none"                # or full (= True), dots_saveable, ...:
+                                  # models.layers.REMAT_POLICIES
 
   # Data (crate_jax.data): a tfds dataset read with tf.data.
   c.data = ml_collections.ConfigDict()

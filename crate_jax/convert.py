@@ -40,7 +40,8 @@ def main(argv=None) -> int:
                              ("image_size", args.image_size)) if v is not None}
   if args.npz and not args.npz.endswith(".npz"):
     parser.error(f"--npz {args.npz!r}: expected a .npz file")
-  path = convert(args.torch or args.npz, args.variant, args.out, eta=args.eta, lambd=args.lambd, **extra)
+  path = convert(args.torch or args.npz, args.variant, args.out, eta=args.eta, lambd=args.lambd,
+                 **extra)
   print(f"wrote {path}")
   return 0
 

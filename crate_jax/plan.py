@@ -337,7 +337,8 @@ def does_not_fit_message(r: dict) -> str:
   if r["compile_error"]:
     return (f"the {r.get('step', 'train')} step at {r['per_chip_batch']} per chip does not fit "
             f"on {where}: {r['compile_error']}")
-  return (f"the {r.get('step', 'train')} step at {r['per_chip_batch']} per chip needs {r['hbm_needed_bytes']:,} "
+  return (f"the {r.get('step', 'train')} step at {r['per_chip_batch']} per chip needs "
+          f"{r['hbm_needed_bytes']:,} "
           f"bytes ({gib(r['hbm_needed_bytes'])}) of HBM per chip; {where} has "
           f"{r['hbm_capacity_bytes']:,} ({gib(r['hbm_capacity_bytes'])})")
 

@@ -1,9 +1,10 @@
 """The one train loop: python -m crate_jax.train --config configs/crate_base.py --workdir DIR.
 
 data -> model -> step -> loop -> checkpoint, one way. What is derived before compiling lives in
-training/setup.py, the periodic hooks beside the step in training/hooks.py. A workdir that holds checkpoints is resumed
-from its latest step (the data iterator continues at that step: same batches as an uninterrupted
-run); SIGTERM saves and exits cleanly; a non-finite loss stops the run before anything bad is saved.
+training/setup.py, the periodic hooks beside the step in training/hooks.py. A workdir that holds
+checkpoints is resumed from its latest step (the data iterator continues at that step: same batches
+as an uninterrupted run); SIGTERM saves and exits cleanly; a non-finite loss stops the run before
+anything bad is saved.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
                                                           if task.reads_tokens(config) else None))
   step_hooks = [throughput]  # the one speed measurement; its clock starts once step 1 has compiled
   if config.profile_steps > 0 and jax.process_index() == 0:
-    step_hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps))
+    step_hooks.append(periodic_actions.Profile(logdir=workdir,
+                                               num_profile_steps=config.profile_steps))
   train_iter = data_lib.prefetch_to_device(
       data_lib.train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                               start_step=start), data_sh, size=config.data.prefetch)
@@ -142,7 +144,8 @@ def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
         with watchdog.phase("evaluation", step):
           flush(step)
           t = time.perf_counter()
-          eval_metrics = evaluation.evaluate_all(eval_step, program.eval_params(prog, config, state),
+          eval_metrics = evaluation.evaluate_all(eval_step,
+                                                 program.eval_params(prog, config, state),
                                                  config, data_sh, task=task)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           throughput.pause(time.perf_counter() - t)

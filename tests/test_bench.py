@@ -31,5 +31,6 @@ def test_model_step_and_bench_import_without_the_data_stack():
   import subprocess
   import sys
   code = ("import sys\nfor m in ['clu', 'tensorflow', 'tensorflow_datasets', 'ml_collections']:\n"
-          "  sys.modules[m] = None\nimport crate_jax.bench, crate_jax.training.steps, crate_jax.models\n")
+          "  sys.modules[m] = None\n"
+          "import crate_jax.bench, crate_jax.training.steps, crate_jax.models\n")
   subprocess.run([sys.executable, "-c", code], check=True)

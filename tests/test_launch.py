@@ -26,7 +26,8 @@ POD_CONFIG = REPO / "configs" / "crate_base_pod.py"
 PARAM_VARS = ("PROJECT", "CLOUDSDK_CORE_PROJECT", "ZONE", "TPU_NAME", "QR_NAME", "ACCELERATOR_TYPE",
               "RUNTIME_VERSION", "BUCKET", "CONFIG", "WORKDIR", "TFDS_DATA_DIR", "SPOT", "RESERVED",
               "GIT_URL", "GIT_REF", "ALLOW_CROSS_REGION", "WAIT_TIMEOUT", "POLL_SECONDS", "DRY_RUN",
-              "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "PYTHON", "VENV", "REPO")
+              "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "PYTHON", "VENV",
+              "REPO")
 
 POD_ENV = {"PROJECT": "my-project", "ZONE": "us-central2-b", "TPU_NAME": "crate-b",
            "BUCKET": "gs://my-crate-bucket"}
@@ -92,7 +93,7 @@ def ssh_command(argv):
   return argv[argv.index("--command") + 1]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # shellcheck and script hygiene
 
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*") if p.is_file())
@@ -128,7 +129,7 @@ def test_help(script, sandbox):
   assert r.returncode == 0 and "--dry-run" in r.stdout, r.stderr
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pod.sh dry runs
 
 def test_pod_up_v4_128_spot(sandbox):
@@ -156,8 +157,9 @@ def test_pod_up_v4_128_spot(sandbox):
   assert ("~/crate_jax_venv/bin/python -m crate_jax.train --config configs/crate_base_pod.py "
           "--workdir gs://my-crate-bucket/workdirs/crate_base_pod") in remote
   # Order: create -> wait -> copy -> setup -> train.
-  order = [cmds.index(c) for c in (find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")[0],
-                                   describe, scp, setup, train)]
+  order = [cmds.index(c)
+           for c in (find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")[0],
+                     describe, scp, setup, train)]
   assert order == sorted(order)
 
 
@@ -191,8 +193,9 @@ def test_pod_run_overrides_and_quoting(sandbox):
   remote = shlex.split(ssh_command(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[0]))
   start = remote.index("start")
   assert remote[start + 1:] == [
-      "--", "~/crate_jax_venv/bin/python", "-m", "crate_jax.train", "--config", "configs/crate_base.py",
-      "--workdir", "gs://other-bucket/runs/b16", "--config.num_epochs=300", "--config.data.name=it's odd"]
+      "--", "~/crate_jax_venv/bin/python", "-m", "crate_jax.train", "--config",
+      "configs/crate_base.py", "--workdir", "gs://other-bucket/runs/b16", "--config.num_epochs=300",
+      "--config.data.name=it's odd"]
   assert "TFDS_DATA_DIR=gs://data-bucket/tfds" in remote
   assert "LOG_COPY_DIR=gs://other-bucket/runs/b16/logs" in remote
 
@@ -200,7 +203,8 @@ def test_pod_run_overrides_and_quoting(sandbox):
 def test_pod_setup_git_clone(sandbox):
   cmds = dry(POD, ["setup", "--git-url", "https://example.com/crate_jax.git", "--git-ref", "v0.1"],
              sandbox, POD_ENV)
-  assert not [c for c in cmds if c[0] == "tar" or c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
+  assert not [c for c in cmds
+              if c[0] == "tar" or c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
   remote = ssh_command(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[0])
   assert "git clone -q https://example.com/crate_jax.git ~/crate_jax" in remote
   assert "git -C ~/crate_jax checkout -q v0.1" in remote
@@ -261,7 +265,7 @@ def test_pod_bad_parameters(sandbox, args, env_change, message):
   assert calls(log) == []
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pod.sh for real, against the stub gcloud: the bucket-region check and the wait for ACTIVE
 
 @pytest.mark.parametrize("location, extra, ok, stderr", [
@@ -311,11 +315,11 @@ def test_pod_delete_needs_yes_without_terminal(sandbox):
   assert r.returncode != 0 and "--yes" in r.stderr and calls(log) == []
   r = run(POD, ["delete", "--yes"], env, POD_ENV)
   assert r.returncode == 0, r.stderr
-  assert calls(log) == ["gcloud compute tpus queued-resources delete crate-b-qr --zone=us-central2-b "
-                        "--project=my-project --force --quiet"]
+  assert calls(log) == ["gcloud compute tpus queued-resources delete crate-b-qr "
+                        "--zone=us-central2-b --project=my-project --force --quiet"]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPU scripts
 
 def _sbatch_directives():
@@ -383,7 +387,8 @@ def test_multinode_reads_jax_env_vars(sandbox):
     (["--coordinator", "h:1234", "--num-nodes", "0", "--node-rank", "0"], "positive integer"),
     (["--coordinator", "h:1234", "--num-nodes", "2", "--node-rank", "2"], "in 0..1"),
     (["--coordinator", "h:1234", "--node-rank", "0"], "--num-nodes N is required"),
-    (["--coordinator", "h:1234", "--num-nodes", "2", "--node-rank", "0", "extra"], "unexpected argument"),
+    (["--coordinator", "h:1234", "--num-nodes", "2", "--node-rank", "0", "extra"],
+     "unexpected argument"),
 ])
 def test_multinode_bad_parameters(sandbox, args, message):
   env, log = sandbox
@@ -392,7 +397,7 @@ def test_multinode_bad_parameters(sandbox, args, message):
   assert "+ " not in r.stdout and calls(log) == []
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # configs/crate_base_pod.py
 
 def _load_pod_module():
@@ -420,7 +425,8 @@ def test_pod_config_batch_lr_steps():
   base = config_lib.base_config()
   assert module.NUM_CHIPS == 64
   assert config.batch_size == 4096 and config.batch_size // module.NUM_CHIPS == 64
-  assert config.batch_size % module.NUM_CHIPS == 0 and config.eval_batch_size % module.NUM_CHIPS == 0
+  assert (config.batch_size % module.NUM_CHIPS == 0
+          and config.eval_batch_size % module.NUM_CHIPS == 0)
   assert config.model.name == "crate_base"
   # Floor: the trainer drops the last partial batch of each epoch.
   spe = config_lib.steps_per_epoch(1_281_167, config.batch_size)
@@ -428,7 +434,8 @@ def test_pod_config_batch_lr_steps():
   assert config_lib.interval_steps(config, spe) == {"checkpoint": 312, "eval": 3120, "log": 50}
   # Linear scaling rule from the base recipe (2e-4 at batch 512).
   assert base.optimizer.lr == 2e-4 and base.batch_size == 512
-  assert math.isclose(config.optimizer.lr, 2e-4 * 4096 / 512) and math.isclose(config.optimizer.lr, 1.6e-3)
+  assert (math.isclose(config.optimizer.lr, 2e-4 * 4096 / 512)
+          and math.isclose(config.optimizer.lr, 1.6e-3))
   assert config.optimizer.warmup_epochs == 20.0
   # Only overrides of the one config base: no key of its own.
   assert _flat_keys(config) == _flat_keys(base)
@@ -454,13 +461,14 @@ def test_pod_config_docstring_command_is_what_pod_sh_runs(sandbox):
   env_assignments = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
   assert argv[len(env_assignments)] == "launch/tpu/pod.sh"
   cmds = dry(POD, argv[len(env_assignments) + 1:], sandbox, env_assignments)
-  assert "--accelerator-type=v4-128" in find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")[0]
+  assert "--accelerator-type=v4-128" in find(cmds, "gcloud", "compute", "tpus", "queued-resources",
+                                             "create")[0]
   remote = ssh_command(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1])
   python_line = next(l.strip() for l in lines if l.strip().startswith("python -m crate_jax.train"))
   assert python_line.replace("python ", "~/crate_jax_venv/bin/python ", 1) in remote
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # docs/tpu-pods.md (the launch section) stays in step with the scripts; README.md and docs/*.md name
 # only files that exist
 

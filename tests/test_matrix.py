@@ -26,7 +26,8 @@ COMMANDS = ("train", "resume", "whitebox", "evaluate", "knn", "linear", "analyze
 _IMAGE = {"hang_timeout_s": 300.0, "data.image_size": 28, "batch_size": 16, "eval_batch_size": 200,
           "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": 2,
           "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01}
-_TEXT = {"hang_timeout_s": 300.0, "batch_size": 8, "eval_batch_size": 64, "num_train_steps": 2, "log_every_steps": 1,
+_TEXT = {"hang_timeout_s": 300.0, "batch_size": 8, "eval_batch_size": 64, "num_train_steps": 2,
+         "log_every_steps": 1,
          "eval_every_steps": 2, "checkpoint_every_steps": 2, "optimizer.warmup_epochs": 0.01,
          "data.seq_len": 32}
 _SMALL = dict(dim=32, depth=2, heads=2, dim_head=16)

@@ -1,20 +1,23 @@
-"""`image_folder`: your own images in the torchvision ImageFolder layout, as a prepared tfds dataset.
+"""`image_folder`: your own images in the torchvision ImageFolder layout, as a prepared tfds
+dataset.
 
   DIR/train/<class>/*.{jpg,jpeg,png}     DIR/val/<class>/*.{jpg,jpeg,png}
 
-Classes are the sub-folder names, sorted (label i = i-th name), identical in train and val. Images may
-have any size and be grey or colour (the pipeline decodes every image to RGB). Entries whose name
-starts with '.' are ignored. On first use the folder is checked and written once, under a file lock,
-into a tfds dataset at DIR/.tfds/<fingerprint>/ (the fingerprint hashes every file's path, size and
-mtime), then reused by every later run until a file changes; the tfds pipeline (per-process shards,
-deterministic resumable batches, augmentations, cache) then reads it like any other dataset.
+Classes are the sub-folder names, sorted (label i = i-th name), identical in train and val. Images
+may have any size and be grey or colour (the pipeline decodes every image to RGB). Entries whose
+name starts with '.' are ignored. On first use the folder is checked and written once, under a file
+lock, into a tfds dataset at DIR/.tfds/<fingerprint>/ (the fingerprint hashes every file's path,
+size and mtime), then reused by every later run until a file changes; the tfds pipeline
+(per-process shards, deterministic resumable batches, augmentations, cache) then reads it like any
+other dataset.
 
 Bad input raises ImageFolderError, one line, before anything compiles: a missing train/ or val/, a
 class folder without images, different class sets in train and val, a folder with no images, a file
 outside a class folder, and any file that is not a readable JPEG or PNG image. An unreadable file is
 fatal (never silently skipped): it is named so that it can be fixed or removed. A preparation that
-fails (a bad image, an error or interrupt while writing) removes its DIR/.tfds/<fingerprint>/ folder,
-so no half-written copy is left for the next run; only the lock file DIR/.tfds/prepare.lock stays.
+fails (a bad image, an error or interrupt while writing) removes its DIR/.tfds/<fingerprint>/
+folder, so no half-written copy is left for the next run; only the lock file DIR/.tfds/prepare.lock
+stays.
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def _visible(names):
 
 
 def list_folder(root: str) -> Listing:
-  """The classes and (path, label) pairs of DIR/train and DIR/val; ImageFolderError on bad layout."""
+  """The classes and (path, label) pairs of DIR/train and DIR/val; ImageFolderError on bad
+  layout."""
   if not root:
     raise ImageFolderError("config.data.name=image_folder needs config.data.data_dir=DIR (a folder "
                            "with DIR/train/<class>/* and DIR/val/<class>/*)")

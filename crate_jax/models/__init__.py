@@ -51,8 +51,10 @@ for _size in BERT_SIZES:
   register(f"crate_bert_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=False))
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
-__all__ = ["Contract", "contract", "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed", "adapt_params", "forward_flops",
-           "from_config", "get", "has_class_token", "head_params", "init_params", "ista", "layer_ids", "layer_outputs", "mssa", "scan_layout",
+__all__ = ["Contract", "contract", "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
+           "adapt_params", "forward_flops",
+           "from_config", "get", "has_class_token", "head_params", "init_params", "ista",
+           "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
            "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",

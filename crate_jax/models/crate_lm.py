@@ -91,8 +91,9 @@ class TextModel(nn.Module, kw_only=True):
   `return_intermediates=True` it returns (logits, out): out has each layer's intermediates
   stacked over layers (for "crate": normed, features, attention, mssa, codes as `CRATE`; for
   "transformer": attention, blocks), tokens (B, T, d) = last layer output and pre_logits =
-  the final LayerNorm of it (Z^L itself when final_norm=False). decode=True runs CRATE's MSSA through a key-value cache (init it
-  with a (B, cache_len) batch, then feed new tokens; `crate_jax.generate`).
+  the final LayerNorm of it (Z^L itself when final_norm=False). decode=True runs CRATE's MSSA
+  through a key-value cache (init it with a (B, cache_len) batch, then feed new tokens;
+  `crate_jax.generate`).
   """
   vocab_size: int = BYTE_VOCAB
   max_len: int = 1024

@@ -72,7 +72,8 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
 
 
-def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int], channels: int) -> jax.Array:
+def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int],
+               channels: int) -> jax.Array:
   """Inverse of `patchify`: (B, gh*gw, P*P*C) -> (B, gh*P, gw*P, C)."""
   p = patch_size
   return einops.rearrange(patches, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=grid[0], w=grid[1],
@@ -101,7 +102,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, return_weights: bool 
               implementation: str | None = None, pad_to: int | None = None,
               causal: bool = False, mask: jax.Array | None = None,
               key_mask: jax.Array | None = None):
-  """Per head softmax(q_h k_h^T * p^-1/2 + M) v_h for (B, N, heads, p) inputs; returns (out, weights).
+  """Per head softmax(q_h k_h^T * p^-1/2 + M) v_h for (B, N, heads, p) inputs; returns
+  (out, weights).
 
   The logits and softmax are at least fp32 (float64 inputs stay float64). With return_weights=False
   and an `implementation` (as in jax.nn.dot_product_attention, e.g. "cudnn") the fused kernel is
@@ -178,7 +180,8 @@ def stack_layers(per_layer: Sequence[dict]) -> dict:
 
 
 # remat policy name -> what each layer saves for the backward pass (jax.checkpoint_policies).
-REMAT_POLICIES = ("none", "full", "layer_input", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "layer_input", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
 
 
 def remat_name(remat: bool | str | None) -> str:
@@ -227,7 +230,8 @@ def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
 def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool | str = False,
                 scan: bool = False, collect: bool = False, drop_path_rate: float = 0.0,
                 key_mask: jax.Array | None = None, **layer_kwargs):
-  """Z^{l+1}, inter_l = f_l(Z^l) for l < depth, f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
+  """Z^{l+1}, inter_l = f_l(Z^l) for l < depth,
+  f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
 
   Call it inside the parent's compact method; the one place that runs a family's layers. Every
   layer returns (x, {name: array}); with collect=True the intermediates are stacked (L, ...),

@@ -43,8 +43,8 @@ def _check(name: str) -> None:
 
 def from_config(config) -> nn.Module:
   """The model a train config describes (crate_jax.config_lib.base_config's keys):
-  config.model.{name, kwargs, scan_layers, mssa_output, drop_path_rate}, compute_dtype, remat (a policy name
-  or True/False)."""
+  config.model.{name, kwargs, scan_layers, mssa_output, drop_path_rate}, compute_dtype, remat (a
+  policy name or True/False)."""
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
   _check(name)

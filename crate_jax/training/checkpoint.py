@@ -190,7 +190,8 @@ def _sync(name: str) -> None:
 
 
 def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
-  """Write params alone as a checkpoint our loop, evaluate and analyze can load. Returns its path."""
+  """Write params alone as a checkpoint our loop, evaluate and analyze can load. Returns its
+  path."""
   ckpt = Checkpoints(directory, keep=1, best_metric=None, async_save=False)
   ckpt.save(step, {"params": params}, meta)
   ckpt.close()
@@ -290,7 +291,8 @@ def fit_params(abstract_params: Any, params: Any, *, what: str, adapt: Callable 
 def check_compatible(expected: Any, got: Any, what: str = "checkpoint") -> None:
   """Raise CheckpointError listing missing/unexpected/mis-shaped leaves of `got` vs `expected`."""
   expected, got = _as_plain_tree(expected), _as_plain_tree(got)
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  want = {jax.tree_util.keystr(k): v.shape
+          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
   have = {jax.tree_util.keystr(k): getattr(v, "shape", None)
           for k, v in jax.tree_util.tree_leaves_with_path(got)}
   first = lambda k: (not k.startswith("['params']"), k)  # model weights before optimizer state

@@ -177,7 +177,7 @@ class Throughput:
   def __init__(self, global_batch: int, flops_per_example: float | None,
                tokens_per_example: int | None = None):
     self.global_batch = global_batch
-    self.tokens = tokens_per_example  # text tasks: also perf/tokens_per_sec
+    self.tokens = tokens_per_example  # text: perf/seq_per_sec and perf/tokens_per_sec
     self.flops = flops_per_example
     self.peak = peak_flops()
     self.devices = jax.device_count()
@@ -201,7 +201,8 @@ class Throughput:
     now = time.perf_counter()
     dt = max(now - self.t0, 1e-9)
     ips = (step - self.step0) * self.global_batch / dt
-    out = {"perf/img_per_sec": ips, "perf/img_per_sec_per_device": ips / self.devices,
+    unit = "seq" if self.tokens else "img"  # examples are sequences for the text tasks
+    out = {f"perf/{unit}_per_sec": ips, f"perf/{unit}_per_sec_per_device": ips / self.devices,
            "perf/step_time_ms": 1e3 * dt / (step - self.step0)}
     if self.tokens:
       out["perf/tokens_per_sec"] = ips * self.tokens

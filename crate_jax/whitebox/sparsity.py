@@ -1,4 +1,5 @@
-"""Sparsity of the ISTA codes Z^{l+1}, per image, as the official measurement (CLS token included)."""
+"""Sparsity of the ISTA codes Z^{l+1}, per image, as the official measurement (CLS token
+included)."""
 from __future__ import annotations
 
 import jax

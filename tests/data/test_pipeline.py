@@ -162,7 +162,8 @@ def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
   config.eval_batch_size = 16
   sets = evaluation.extra_eval_sets(config)
   assert sorted(sets) == ["imagenet2012_real", "imagenet_v2"]
-  assert sets["imagenet_v2"].eval_split == "test" and sets["imagenet2012_real"].eval_split == "validation"
+  assert (sets["imagenet_v2"].eval_split == "test"
+          and sets["imagenet2012_real"].eval_split == "validation")
   batches = list(data.eval_iterator(sets["imagenet2012_real"], global_batch_size=16))
   real = np.concatenate([b["real"][b["mask"] > 0] for b in batches])
   assert real.shape == (MOCK_N, 1000) and set(np.unique(real)) <= {0.0, 1.0}

@@ -40,9 +40,11 @@ def mocked(mock_dir):
 def test_byte_tokenizer_round_trip_and_specials():
   tok = tokenizers.get("byte")
   ids = tok.encode("Wherefore art thou — Roméo?")
-  assert ids.dtype == np.int32 and ids.max() < 256 and len(ids) == len("Wherefore art thou — Roméo?".encode())
+  assert (ids.dtype == np.int32 and ids.max() < 256
+          and len(ids) == len("Wherefore art thou — Roméo?".encode()))
   assert tok.decode(ids) == "Wherefore art thou — Roméo?"
-  assert tok.decode(np.concatenate([tok.encode("a"), [tok.eos_id, tok.mask_id], tok.encode("b")])) == "a\nb"
+  assert tok.decode(np.concatenate([tok.encode("a"), [tok.eos_id, tok.mask_id],
+                                    tok.encode("b")])) == "a\nb"
   assert (tok.eos_id, tok.mask_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
   assert tok.token_bytes.sum() == 256
   with pytest.raises(ValueError, match="config.data.tokenizer='wordpiece' is not a known"):

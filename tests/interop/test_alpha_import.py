@@ -159,8 +159,10 @@ def test_export_to_the_port_loads_strictly(ref):
     (lambda a: a.pop("Transformer/encoderblock_1/OvercompleteISTABlock_0/D1"),
      "missing keys ['Transformer/encoderblock_1/OvercompleteISTABlock_0/D1']"),
     (lambda a: a.update(extra=np.zeros(3)), "unexpected keys ['extra']"),
-    (lambda a: a.update({"Transformer/encoderblock_0/OvercompleteISTABlock_0/D": np.zeros((24, 72))}),
-     "has shape (24, 72) but Transformer/encoderblock_0/OvercompleteISTABlock_0/D expects (24, 96)"),
+    (lambda a: a.update({"Transformer/encoderblock_0/OvercompleteISTABlock_0/D":
+                         np.zeros((24, 72))}),
+     "has shape (24, 72) but Transformer/encoderblock_0/OvercompleteISTABlock_0/D expects "
+     "(24, 96)"),
 ])
 def test_bad_npz_is_named_and_nothing_written(ref, tmp_path, capsys, mutate, message):
   root, r, _, _ = ref

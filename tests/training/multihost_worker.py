@@ -1,4 +1,5 @@
-"""One process of the 2-process multi-host test (run by tests/training/test_loop.py, not by pytest)."""
+"""One process of the 2-process multi-host test (run by tests/training/test_loop.py, not by
+pytest)."""
 import json
 import sys
 

@@ -59,8 +59,8 @@ def test_closed_forms_orthonormal():
   np.testing.assert_allclose(whitebox.coding_rate(tall, eps_sq), 4 * np.log(1 + 8 / (16 * eps_sq)),
                              rtol=1e-5)
   wide = Q[:5]      # N=5 tokens, d=16: orthonormal rows, Z Z^T = I_N
-  np.testing.assert_allclose(whitebox.coding_rate(wide, eps_sq), 2.5 * np.log(1 + 16 / (5 * eps_sq)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(whitebox.coding_rate(wide, eps_sq),
+                             2.5 * np.log(1 + 16 / (5 * eps_sq)), rtol=1e-5)
 
 
 def test_invariances():

@@ -1,4 +1,5 @@
-"""The training objectives, one module each, in one registry (`tasks.get(name)`, `tasks.of(config)`).
+"""The training objectives, one module each, in one registry (`tasks.get(name)`,
+`tasks.of(config)`).
 
   classification  supervised classes of images or text (classification.py)
   mae             masked autoencoding, CRATE-MAE (mae.py)
