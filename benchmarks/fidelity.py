@@ -92,7 +92,7 @@ def run_torch(config, seed: int, threads: int | None = None) -> dict:
   with torch.no_grad():
     for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                         process_index=0, process_count=1):
-      keep = batch["mask"] > 0
+      keep = batch["valid"] > 0
       logits = model(to_torch(batch["image"][keep]))
       label = torch.from_numpy(batch["label"][keep].astype(np.int64))
       correct += float((logits.argmax(-1) == label).sum())

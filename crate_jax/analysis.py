@@ -68,7 +68,7 @@ def dataset_images(config, split: str, num_images: int):
   batch_size = -(-num_images // jax.device_count()) * jax.device_count()
   images, labels = [], []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split):
-    keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool))).astype(bool)
+    keep = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool))).astype(bool)
     images.extend(np.asarray(batch["image"])[keep])
     labels.extend(np.asarray(batch["label"])[keep])
     if len(images) >= num_images:

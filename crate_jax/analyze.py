@@ -147,7 +147,7 @@ def analyze_text(config, checkpoint: str, out_dir: str, *, split: str | None = N
   batch_size = -(-num_sequences // jax.device_count()) * jax.device_count()
   seqs = []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split):
-    seqs.extend(np.asarray(batch["tokens"])[np.asarray(batch["mask"]).astype(bool)])
+    seqs.extend(np.asarray(batch["tokens"])[np.asarray(batch["valid"]).astype(bool)])
     if len(seqs) >= num_sequences:
       break
   if not seqs:

@@ -76,7 +76,7 @@ def images_and_truth(config, split: str, num_images: int):
   images, truth = [], []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=batch_size, split=split,
                                       masks=True):
-    keep = np.asarray(batch["mask"]).astype(bool)
+    keep = np.asarray(batch["valid"]).astype(bool)
     images.extend(np.asarray(batch["image"])[keep])
     truth.extend(np.asarray(batch["foreground"])[keep].astype(bool))
     if len(images) >= num_images:

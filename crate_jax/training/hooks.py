@@ -59,7 +59,7 @@ def whitebox_hook(config, p):
                  config.data.name)
   batch = next(iter(data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                            **({"masks": True} if masks else {}))))
-  n = min(32, int(np.sum(batch["mask"])))
+  n = min(32, int(np.sum(batch["valid"])))
   inputs = jnp.asarray(batch[contract.batch_key][:n])
   if not masks:
     fn = jax.jit(lambda params: whitebox.whitebox_metrics(p.model, params, inputs))

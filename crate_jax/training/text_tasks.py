@@ -1,6 +1,6 @@
 """The text tasks of the train loop: "lm" (next-token prediction, CRATE-GPT) and "mlm" (BERT's
 masked language modelling, CRATE-BERT). Pure functions the steps call; batches carry "tokens"
-int32 (B, T) (eval batches also "mask" (B,), 0 for padding rows).
+int32 (B, T) (eval batches also "valid" (B,), 0 for padding rows).
 
   lm:   loss = mean_{b, t < T-1} -log p(x_{t+1} | x_{<=t})
   mlm:  15% of the positions are chosen (Bernoulli per token); of those 80% become [MASK], 10% a
@@ -89,7 +89,7 @@ def eval_outputs(model, params, batch, spec: TextSpec, *, causal: bool) -> dict:
       model, params, batch["tokens"], jax.random.key(MLM_EVAL_SEED), spec, causal=causal,
       train=False)
   return dict(loss=nats, accuracy=correct, bytes_per_token=nbytes,
-              mask=weight * batch["mask"][:, None])
+              mask=weight * batch["valid"][:, None])
 
 
 def derived_metrics(metrics: dict) -> dict:

@@ -136,15 +136,16 @@ def test_cifar10_mock_resize_augment_and_eval(mocked):
   batches = list(data.eval_iterator(cfg, global_batch_size=16))
   assert len(batches) == 2                                   # 24 examples -> 16 + 8 (padded)
   for batch in batches:
-    check_batch({k: v[batch["mask"] > 0] for k, v in batch.items()}, cfg, int(batch["mask"].sum()))
-  np.testing.assert_array_equal(batches[-1]["mask"], [1] * 8 + [0] * 8)
+    check_batch({k: v[batch["valid"] > 0] for k, v in batch.items()}, cfg,
+                int(batch["valid"].sum()))
+  np.testing.assert_array_equal(batches[-1]["valid"], [1] * 8 + [0] * 8)
   assert np.all(batches[-1]["image"][8:] == 0) and np.all(batches[-1]["labels"][8:] == 0)
 
 
 def test_imagenet_mock_eval_resize_center_crop(mocked):
   cfg = data_cfg("imagenet2012", image_size=32, eval_resize=36)
   batches = list(data.eval_iterator(cfg, global_batch_size=16))
-  assert [b["mask"].sum() for b in batches] == [16, 8]
+  assert [b["valid"].sum() for b in batches] == [16, 8]
   assert batches[0]["image"].shape == (16, 32, 32, 3)
   # Deterministic: a second pass is identical.
   assert_same(batches, list(data.eval_iterator(cfg, global_batch_size=16)))
@@ -165,7 +166,7 @@ def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
   assert (sets["imagenet_v2"].eval_split == "test"
           and sets["imagenet2012_real"].eval_split == "validation")
   batches = list(data.eval_iterator(sets["imagenet2012_real"], global_batch_size=16))
-  real = np.concatenate([b["real"][b["mask"] > 0] for b in batches])
+  real = np.concatenate([b["real"][b["valid"] > 0] for b in batches])
   assert real.shape == (MOCK_N, 1000) and set(np.unique(real)) <= {0.0, 1.0}
   assert "real" not in next(data.eval_iterator(sets["imagenet_v2"], global_batch_size=16))
 
@@ -185,7 +186,7 @@ def test_imagenet_v2_and_real_as_extra_eval_sets(mocked):
   has_set = real.sum(1) > 0
   want = real[has_set, 3].mean() if has_set.any() else 0.0
   assert got["real_top1"] == pytest.approx(want)
-  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  labels = np.concatenate([b["label"][b["valid"] > 0] for b in batches])
   assert got["top1"] == pytest.approx(np.mean(labels == 3))
 
 
@@ -301,7 +302,7 @@ def test_embedded_dataset_is_real_mnist(emb_dir):
     assert pixels[:, 10:18, 10:18].mean() > 3 * pixels[:, :4].mean()  # ink in the centre
   # Eval through the pipeline: 1000 real examples, 5 full batches.
   batches = list(data.eval_iterator(cfg, global_batch_size=200))
-  assert len(batches) == 5 and sum(b["mask"].sum() for b in batches) == 1000
+  assert len(batches) == 5 and sum(b["valid"].sum() for b in batches) == 1000
   assert np.bincount(np.concatenate([b["label"] for b in batches]), minlength=10).min() == 100
 
 
@@ -377,7 +378,7 @@ def test_two_processes_read_disjoint_shards(emb_dir):
     batches = list(data.eval_iterator(cfg, global_batch_size=400, process_index=pi,
                                       process_count=2))
     counts.append(len(batches))
-    labels.append(sum(int(b["mask"].sum()) for b in batches))
+    labels.append(sum(int(b["valid"].sum()) for b in batches))
   assert counts == [3, 3] and labels == [500, 500]
 
 
@@ -399,7 +400,7 @@ def test_global_arrays_are_sharded_on_the_data_axis(emb_dir):
   it.close()  # joins the thread and closes the source: no thread left inside tf.data at exit
   assert not it._thread.is_alive()
   evals = list(data.prefetch_to_device(data.eval_iterator(cfg, global_batch_size=400), sharding))
-  assert len(evals) == 3 and float(sum(e["mask"].sum() for e in evals)) == 1000
+  assert len(evals) == 3 and float(sum(e["valid"].sum() for e in evals)) == 1000
 
   def failing():
     yield {"x": np.zeros((8,), np.float32)}

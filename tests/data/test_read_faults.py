@@ -94,7 +94,7 @@ def test_transient_eval_errors_retry_with_identical_batches(emb_dir, monkeypatch
                                                             warnings, cache):
   cfg = emb_cfg(emb_dir, cache=cache)
   expected = list(data.eval_iterator(cfg, global_batch_size=256))   # 1000 = 3 x 256 + 232
-  assert len(expected) == 4 and expected[-1]["mask"].sum() == 232
+  assert len(expected) == 4 and expected[-1]["valid"].sum() == 232
   inject(monkeypatch, [2, 0])                      # batch 2 fails, and again on the reopen
   assert_same(list(data.eval_iterator(cfg, global_batch_size=256)), expected)
   assert sleeps == [1.0, 2.0] and len(warnings()) == 2

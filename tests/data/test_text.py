@@ -83,7 +83,7 @@ def test_processes_read_their_own_documents_and_eval_is_padded(mocked, mock_dir)
   passes = [list(text.eval_iterator(cfg, global_batch_size=8, process_index=p, process_count=2))
             for p in (0, 1)]
   assert len(passes[0]) == len(passes[1])
-  assert sum(b["mask"].sum() for p in passes for b in p) == rows
+  assert sum(b["valid"].sum() for p in passes for b in p) == rows
   assert all(b["tokens"].shape == (4, 16) for b in passes[0])
   assert text.num_sequences(cfg, "validation") == rows
 

@@ -111,7 +111,7 @@ def state_dict(state) -> dict[str, Any]:
 
 
 def image_batch(config, batch_size: int, *, train: bool, key: str = "image"):
-  """{"image" f32 (B, H, W, 3), "label" i32 (B,), "labels" f32 (B, K)} (+ "mask" f32 (B,) for
+  """{"image" f32 (B, H, W, 3), "label" i32 (B,), "labels" f32 (B, K)} (+ "valid" f32 (B,) for
   eval): what the image pipeline yields, train and eval alike."""
   size = int(config.data.image_size)
   spec = {key: jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
@@ -119,7 +119,7 @@ def image_batch(config, batch_size: int, *, train: bool, key: str = "image"):
           "labels": jax.ShapeDtypeStruct((batch_size, max(int(config.data.num_classes), 1)),
                                          jnp.float32)}
   if not train:
-    spec["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    spec["valid"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
   return spec
 
 

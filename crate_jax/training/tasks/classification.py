@@ -47,7 +47,7 @@ def classifier_eval(model, metrics_cls=None):
   from crate_jax.training import steps
 
   def eval_step(params, batch):
-    mask = batch["mask"]
+    mask = batch["valid"]
     cls = steps.eval_metrics_cls(Classification.eval_metrics, "real" in batch)
     logits = model.apply({"params": params}, model_input(batch), train=False)
     extra = {}

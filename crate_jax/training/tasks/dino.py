@@ -160,7 +160,7 @@ class DINO(base.Task):
     return make_train_step(model, make_head(config), tx, config, total_steps, steps_per_epoch)
 
   def eval_step(self, model, config):
-    """(teacher params with head, {"image", "mask"}) -> per-example teacher entropy (centre 0,
+    """(teacher params with head, {"image", "valid"}) -> per-example teacher entropy (centre 0,
     final temperature) on the unaugmented eval images."""
     from crate_jax.training import steps
     head, t = make_head(config), float(config.dino.teacher_temp)
@@ -170,7 +170,7 @@ class DINO(base.Task):
       logits = embed(model, head, params, batch["image"][:, None], train=False,
                      rng=jax.random.key(0))[0]
       return cls.single_from_model_output(
-          teacher_entropy=dino.entropy(jax.nn.softmax(logits / t, axis=-1)), mask=batch["mask"])
+          teacher_entropy=dino.entropy(jax.nn.softmax(logits / t, axis=-1)), mask=batch["valid"])
     return eval_step
 
   def check_logged(self, mean, step):

@@ -36,7 +36,7 @@ class MAE(base.Task):
     from crate_jax.training import steps
 
     def eval_step(params, batch):
-      mask = batch["mask"]
+      mask = batch["valid"]
       out = model.apply({"params": params}, batch["image"], train=False,
                         rngs={"mask": jax.random.key(EVAL_MASK_SEED)})
       cls = steps.eval_metrics_cls(self.eval_metrics, False)

@@ -29,7 +29,7 @@ class _TextTask(base.Task):
   def batch_spec(self, config, batch_size, *, train):
     spec = {"tokens": jax.ShapeDtypeStruct((batch_size, int(config.data.seq_len)), jnp.int32)}
     if not train:
-      spec["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+      spec["valid"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
     return spec
 
   def spec(self, config) -> text_tasks.TextSpec:
