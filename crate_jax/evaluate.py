@@ -12,6 +12,7 @@ import numpy as np
 
 from crate_jax import data as data_lib
 from crate_jax import models, setups
+from crate_jax.models import layers
 from crate_jax.training import sharding
 from crate_jax.training import weights as weights_lib
 
@@ -176,7 +177,8 @@ if __name__ == "__main__":
                       "ridge probe) trained on the train split.")
     flags.DEFINE_string("layer", "last", "knn/linear: a layer index, 'last', or 'all' (a score "
                         "per layer).")
-    flags.DEFINE_enum("pool", "cls", ["cls", "mean"], "knn/linear: class token or token mean.")
+    flags.DEFINE_enum("pool", "cls", list(layers.POOLS),
+                      "knn/linear: class token or token mean.")
     flags.DEFINE_integer("k", 20, "knn: neighbours.")
     flags.DEFINE_bool("vs_random_init", False, "knn/linear: also score the same architecture at "
                       "its random initialisation.")

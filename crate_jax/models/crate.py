@@ -277,8 +277,7 @@ class CRATE(nn.Module, kw_only=True):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
-    if self.pool not in ("cls", "mean"):
-      raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    L.check_pool(self.pool)
     if self.mssa_output not in MSSA_OUTPUTS:
       raise ValueError(f"mssa_output must be one of {MSSA_OUTPUTS}, got {self.mssa_output!r}")
     z = self.embed(jnp.asarray(images, self.dtype))

@@ -322,8 +322,7 @@ class CRATEMAEClassifier(nn.Module, kw_only=True):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
-    if self.pool not in ("cls", "mean"):
-      raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    L.check_pool(self.pool)
     tokens, inter = CRATEMAEEncoder(**_encoder_kwargs(self), name="encoder")(
         images, return_intermediates=return_intermediates)
     pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)

@@ -283,6 +283,16 @@ def with_class_token(module: nn.Module, x: jax.Array, *, cls_name: str, cls_init
   return jnp.concatenate([cls, x], axis=1) + jnp.asarray(positions, x.dtype)
 
 
+POOLS = ("cls", "mean")  # a classifier's read-out: the class token, or the mean of the tokens
+
+
+def check_pool(pool: str) -> str:
+  """The one check of a pooling choice (model fields, probes): ValueError unless in POOLS."""
+  if pool not in POOLS:
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+  return pool
+
+
 def at_least_f32(dtype: Dtype) -> Dtype:
   """float32 for low-precision compute dtypes, float64 when computing in float64 (parity tests)."""
   return jnp.promote_types(dtype, jnp.float32)

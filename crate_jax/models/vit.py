@@ -132,8 +132,7 @@ class ViT(nn.Module, kw_only=True):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):
-    if self.pool not in ("cls", "mean"):
-      raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    L.check_pool(self.pool)
     x = self.embed(jnp.asarray(images, self.dtype))
     x, out = L.layer_stack(
         ViTBlock, x, depth=self.depth, name="block_{i}", remat=self.remat,

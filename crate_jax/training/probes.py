@@ -64,8 +64,7 @@ def linear_probe_predict(train_x, train_y, test_x, *, num_classes: int,
 
 def pool(tokens: np.ndarray, how: str) -> np.ndarray:
   """(B, N, d) tokens -> (B, d): the class token (index 0) or the mean over all tokens."""
-  if how == "cls":
+  from crate_jax.models import layers
+  if layers.check_pool(how) == "cls":
     return tokens[:, 0]
-  if how == "mean":
-    return tokens.mean(axis=1)
-  raise ValueError(f"pool must be 'cls' or 'mean', got {how!r}")
+  return tokens.mean(axis=1)
