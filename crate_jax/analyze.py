@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import analysis, models, setups, whitebox
+from crate_jax import analysis, cli, models, setups, whitebox
 from crate_jax.training import checkpoint as ckpt_lib
 
 AnalyzeError = analysis.AnalyzeError
@@ -197,11 +198,37 @@ FORMULAS = {
 }
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  from crate_jax import cli
-  f = flags.FLAGS
+@cli.command
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(description=__doc__)
+  cli.add_config_argument(parser)
+  parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints dir or step dir")
+  parser.add_argument("--out", required=True, help="output folder for the figures and tables")
+  parser.add_argument("--images", default=None,
+                      help="folder (or file) of PNG/JPEG images to analyse")
+  parser.add_argument("--split", default=None,
+                      help="dataset split to take images from (default: the eval split)")
+  parser.add_argument("--num-images", "--num_images", dest="num_images", type=int, default=None,
+                      help="number of images or sequences (default 8; --segment: 256)")
+  parser.add_argument("--segment", action="store_true",
+                      help="measure emergent segmentation (IoU per layer, head and method "
+                           "against the dataset's ground truth) instead")
+  parser.add_argument("--seg_methods", "--seg-methods", default="",
+                      help="--segment: methods (default attention,pca,maskcut; pca,maskcut for "
+                           "families whose class token is never read, CRATE-MAE)")
+  parser.add_argument("--seg_share", "--seg-share", type=float, default=0.6,
+                      help="--segment: attention mass kept (DINO's 60%% rule)")
+  parser.add_argument("--seg_tau", "--seg-tau", type=float, default=0.2,
+                      help="--segment: MaskCut's cosine affinity threshold")
+  parser.add_argument("--seg_objects", "--seg-objects", type=int, default=1,
+                      help="--segment: MaskCut objects (their union is scored)")
+  parser.add_argument("--seg_upsampling", "--seg-upsampling", default="nearest",
+                      help="--segment: nearest or bilinear")
+  parser.add_argument("--layer", type=int, default=-1,
+                      help="layer for the attention maps and PCA (negative: from the end)")
+  parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
+                      help="input resolution (default: the training size)")
+  f = cli.parse_args(parser, argv)
   if f.images and f.split:
     raise AnalyzeError("pass either --images or --split, not both")
   if not f.images:
@@ -215,41 +242,17 @@ def main(argv):
                          "nothing: the eval split), not --images")
     from crate_jax import analyze_segment
     result = analyze_segment.segment_analysis(
-        f.config, f.checkpoint, f.out, split=f.split, num_images=f["num-images"].value or 256,
+        f.config, f.checkpoint, f.out, split=f.split, num_images=f.num_images or 256,
         layer=f.layer, methods=[m.strip() for m in f.seg_methods.split(",") if m.strip()],
         share=f.seg_share, tau=f.seg_tau, num_objects=f.seg_objects,
         upsampling=f.seg_upsampling)
     print(json.dumps(result["paths"], indent=2))
-    return
+    return 0
   result = analyze(f.config, f.checkpoint, f.out, images=f.images, split=f.split,
-                   num_images=f["num-images"].value or 8, layer=f.layer,
-                   image_size=f["image-size"].value)
+                   num_images=f.num_images or 8, layer=f.layer, image_size=f.image_size)
   print(json.dumps(result["paths"], indent=2))
+  return 0
 
 
 if __name__ == "__main__":
-  from crate_jax import cli
-
-  def define_flags():
-    from absl import flags
-    cli.define_config_flag()
-    flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.")
-    flags.DEFINE_string("out", None, "Output folder for the figures and tables.")
-    flags.DEFINE_string("images", None, "Folder (or file) of PNG/JPEG images to analyse.")
-    flags.DEFINE_string("split", None, "Dataset split to take images from (default: eval split).")
-    flags.DEFINE_integer("num-images", None, "Number of images (default 8; --segment: 256).")
-    flags.DEFINE_bool("segment", False, "Measure emergent segmentation (IoU per layer, head and "
-                      "method against the dataset's ground truth) instead.")
-    flags.DEFINE_string("seg_methods", "", "--segment: methods (default attention,pca,maskcut; "
-                        "pca,maskcut for families whose class token is never read, CRATE-MAE).")
-    flags.DEFINE_float("seg_share", 0.6, "--segment: attention mass kept (DINO's 60% rule).")
-    flags.DEFINE_float("seg_tau", 0.2, "--segment: MaskCut's cosine affinity threshold.")
-    flags.DEFINE_integer("seg_objects", 1, "--segment: MaskCut objects (their union is scored).")
-    flags.DEFINE_string("seg_upsampling", "nearest", "--segment: nearest or bilinear.")
-    flags.DEFINE_integer("layer", -1, "Layer for the attention maps and PCA (negative: from end).")
-    flags.DEFINE_integer("image-size", None, "Input resolution (default: the training size).")
-    flags.DEFINE_alias("num_images", "num-images")
-    flags.DEFINE_alias("image_size", "image-size")
-    flags.mark_flags_as_required(["config", "checkpoint", "out"])
-
-  cli.run(main, define_flags)
+  sys.exit(main())

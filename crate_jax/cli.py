@@ -8,17 +8,20 @@
 - The console: INFO lines of crate_jax itself on stdout, plain; warnings of any library on stderr
   as `warning: ...`; TensorFlow's C++ start-up lines and other libraries' INFO chatter dropped.
 
-  run(main)        absl entry points (train, evaluate, analyze): app.run with all of the above
-  command          decorator for argparse mains (convert, bench): errors -> one line, returns 2
+  command          decorator for every entry point's main(argv=None): errors -> one line,
+                   returns 2; the console quiet unless --debug
   ArgumentParser   argparse with --debug and one-line usage errors
+  add_config_argument / parse_args
+                   --config FILE[:ARG] and its --config.KEY=VALUE overrides (train, evaluate,
+                   analyze, plan)
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import difflib
 import functools
-import importlib.util
 import logging
 import os
 import re
@@ -93,12 +96,17 @@ def _raised_in_project(e: BaseException) -> bool:
 
 # ----------------------------------------------------------------------------- argparse
 def command(fn):
-  """Decorate an argparse `main(argv=None)`: user errors -> one stderr line, returns 2."""
+  """Decorate a `main(argv=None)`: user errors -> one stderr line, returns 2; crate_jax's INFO
+  lines on stdout and other libraries' warnings on stderr (--debug: every library's log)."""
   @functools.wraps(fn)
   def wrapper(argv=None):
     global _debug
     _debug = debug_requested(sys.argv[1:] if argv is None else argv)
     quiet_environment()
+    if _debug:
+      logging.basicConfig(level=logging.INFO)
+    else:
+      quiet_console()
     try:
       return fn(argv)
     except BaseException as e:  # noqa: BLE001 - sorted into reports and re-raises
@@ -119,6 +127,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def __init__(self, **kwargs):
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and (spec.name or "").startswith("crate_jax"):
+      kwargs.setdefault("prog", f"python -m {spec.name}")
     super().__init__(**kwargs)
     self.add_argument("--debug", action="store_true",
                       help=f"full tracebacks and library logs (also {DEBUG_ENV}=1)")
@@ -128,155 +139,99 @@ class ArgumentParser(argparse.ArgumentParser):
     raise SystemExit(EXIT_ERROR)
 
 
-# --------------------------------------------------------------------------------- absl
-def run(main, define_flags=None, argv=None) -> None:
-  """absl's app.run(main) with one-line errors, --debug, --help exiting 0, a quiet console.
-
-  define_flags() defines the entry point's flags; it runs here because ml_collections parses a
-  default config and its --config.KEY overrides when the flag is defined, so a mistyped KEY can
-  fail already then.
-  """
-  global _debug
-  from absl import app, flags
-  argv = list(sys.argv if argv is None else argv)
-  _debug = debug_requested(argv[1:])
-  flags.disclaim_key_flags()  # flags defined via this module belong to the entry point (--help)
-  if "debug" not in flags.FLAGS:
-    flags.DEFINE_bool("debug", False, f"Full tracebacks and library logs (also {DEBUG_ENV}=1).")
-  quiet_environment()
-  if define_flags is not None:
-    _flag_errors_reported(define_flags, argv)
-  app.run(_absl_main(main), argv=argv, flags_parser=_parse_flags)
+# ------------------------------------------------------------------------------- --config
+class ConfigError(ValueError):
+  """A --config file that does not load, or a --config.KEY=VALUE that does not fit it."""
 
 
-def define_config_flag(default: str | None = None) -> None:
-  """--config: an ml_collections config file (FILE or FILE:ARG), each field overridable with
-  --config.KEY=VALUE; locked, so a mistyped KEY is an error."""
-  from ml_collections import config_flags
-  _CONFIG_DEFAULTS["config"] = default
-  config_flags.DEFINE_config_file("config", default, "Config file (FILE or FILE:ARG); override "
-                                  "its fields with --config.KEY=VALUE.", lock_config=True)
+def add_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+  """--config FILE[:ARG] (a file with get_config([ARG])), each field overridable with
+  --config.KEY=VALUE (the value parsed as the field's type); `parse_args` loads it, locked, so a
+  mistyped KEY is an error."""
+  parser.add_argument("--config", default=default, required=default is None,
+                      metavar="FILE[:ARG]",
+                      help="config file (default %(default)s); override any field with "
+                           "--config.KEY=VALUE, e.g. --config.batch_size=64")
 
 
-_CONFIG_DEFAULTS: dict[str, str | None] = {}
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+  """parser.parse_args(argv), with args.config replaced by the loaded config and every
+  --config.KEY=VALUE applied to it (one `error:` line for anything that does not fit)."""
+  args, rest = parser.parse_known_args(argv)
+  overrides, unknown = [], []
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(rest):
+          parser.error(f"--config.{key} needs a value")
+        i, value = i + 1, rest[i + 1]
+      overrides.append((key, value))
+    else:
+      unknown.append(arg)
+    i += 1
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if getattr(args, "config", None) is not None:
+    args.config_file = args.config
+    args.config = load_config(args.config, overrides)
+  elif overrides:
+    parser.error("--config.KEY=VALUE needs --config")
+  return args
 
 
-def _absl_main(main):
-  def wrapped(argv):
-    if not _debug:
-      quiet_console()
-    try:
-      return main(argv)
-    except BaseException as e:  # noqa: BLE001 - sorted into reports and re-raises
-      status = failure_status(e, _debug)
-      if status is None:
-        raise
-      return status
-  return wrapped
-
-
-def _parse_flags(argv):
-  """FLAGS(argv), with every flag or config-file problem as one `error:` line and exit 2."""
-  from absl import flags
-  rest = _flag_errors_reported(lambda: flags.FLAGS(argv), argv)
-  problem = None if _debug else _config_load_problem()  # debug: main raises it, traceback
-  if problem:
-    fail(problem)
-    raise SystemExit(EXIT_ERROR)
-  return rest
-
-
-def _flag_errors_reported(fn, argv):
-  """fn() (defining or parsing flags); a failure -> one `error:` line, exit 2."""
+def load_config(spec: str, overrides=()):
+  """get_config([ARG]) of FILE[:ARG], the overrides ((dotted key, text), ...) applied, locked."""
+  from crate_jax import config_lib
+  if not os.path.isfile(spec.partition(":")[0]):
+    raise ConfigError(f"cannot load --config {spec}: no such file")
   try:
-    return fn()
-  except SystemExit:
-    if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
-      raise SystemExit(0) from None  # absl exits 1 after --help
-    raise
-  except Exception as e:  # noqa: BLE001 - a bad flag, override or config file
+    config = config_lib.load_config(spec)
+  except Exception as e:  # noqa: BLE001 - the config file's own error, in one line
     if _debug:
       raise
-    fail(_override_problem(argv) or _flag_problem(e))
-    raise SystemExit(EXIT_ERROR) from None
+    raise ConfigError(f"cannot load --config {spec}: {type(e).__name__}: {one_line(e)}") from None
+  for key, text in overrides:
+    set_override(config, key, text)
+  config.lock()
+  return config
 
 
-def _flag_problem(e: Exception) -> str:
-  m = re.match(r"flag --([\w.-]+)=None: Flag --[\w.-]+ must have a value other than None",
-               str(e))
-  if m:
-    return f"--{m.group(1)} is required (see --help)"
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  if any(line.startswith("Traceback") for line in lines):  # a config file raised: its last line
-    lines = [lines[0], lines[-1]]
-  return f"{' '.join(lines) or type(e).__name__} (see --help)"
-
-
-def _config_flags():
-  """(name, flag) of the ml_collections config flags defined so far."""
-  from absl import flags
-  for name in list(flags.FLAGS):
-    flag = flags.FLAGS[name]
-    if type(flag).__name__ == "_ConfigFlag" and flag.name == name:
-      yield name, flag
-
-
-def _is_error_config(value) -> bool:
-  return type(value).__name__ == "_ErrorConfig"  # ml_collections' stand-in for a failed load
-
-
-def _config_load_problem() -> str | None:
-  for name, flag in _config_flags():
-    if _is_error_config(flag.value):
-      error = flag.value._error
-      lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-      return f"cannot load --{name}: {lines[-1] if lines else error}"
-  return None
-
-
-def _override_problem(argv) -> str | None:
-  """'config has no key ...' for the first --config.KEY=VALUE whose KEY is not in the config."""
-  for name, config in _configs(argv):
-    for arg in argv[1:]:
-      m = re.match(rf"--{re.escape(name)}\.([^=\s]+)", arg)
-      problem = m and config is not None and missing_key(config, m.group(1))
-      if problem:
-        return f"{name} {problem} ({arg})"
-  return None
-
-
-def _configs(argv):
-  """(name, config without overrides) of each config flag; None where it does not load."""
-  defined = dict(_config_flags())
-  for name in sorted(set(defined) | set(_CONFIG_DEFAULTS)):
-    flag = defined.get(name)
-    if flag is not None and flag.value is not None and not _is_error_config(flag.value):
-      yield name, flag.value
-      continue
-    spec = _flag_argument(argv, name) or _CONFIG_DEFAULTS.get(name)
-    yield name, (_load_config_file(spec) if spec else None)
-
-
-def _flag_argument(argv, name: str) -> str | None:
-  args = argv[1:]
-  for i, arg in enumerate(args):
-    if arg.startswith(f"--{name}="):
-      return arg.split("=", 1)[1]
-    if arg == f"--{name}" and i + 1 < len(args):
-      return args[i + 1]
-  return None
-
-
-def _load_config_file(spec: str):
-  """get_config([ARG]) of FILE[:ARG], as ml_collections calls it; None if that fails."""
-  path, _, arg = spec.partition(":")
+def set_override(config, key: str, text: str) -> None:
+  """config.KEY = the text parsed as the field's type (bool, int, float, str, a tuple or list
+  literal; a field without a type takes a Python literal, else the text)."""
+  problem = missing_key(config, key)
+  if problem:
+    raise ConfigError(f"config {problem} (--config.{key}={text})")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  field_type = node.get_type(leaf) if hasattr(node, "get_type") else type(node[leaf])
   try:
-    module_spec = importlib.util.spec_from_file_location("crate_jax_cli_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception:  # noqa: BLE001 - then ml_collections' own message is shown
-    return None
+    node[leaf] = parse_value(text, field_type)
+  except (TypeError, ValueError, SyntaxError) as e:
+    raise ConfigError(f"--config.{key}={text}: {one_line(e)}") from None
+
+
+def parse_value(text: str, field_type):
+  """A command-line value as `field_type`."""
+  if field_type is bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+      raise ValueError(f"{text!r} is not a boolean (true / false)")
+    return lowered in ("true", "1", "yes")
+  if field_type in (int, float, str):
+    return field_type(text)
+  if field_type in (tuple, list):
+    value = ast.literal_eval(text)
+    return field_type(value) if isinstance(value, (tuple, list)) else field_type((value,))
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def missing_key(config, key: str) -> str | None:
@@ -307,7 +262,7 @@ def quiet_environment() -> None:
 
 
 def quiet_console() -> None:
-  """Root logging -> _ConsoleHandler (replaces absl's prefixed handler)."""
+  """Root logging -> _ConsoleHandler (replaces any handler a library installed)."""
   root = logging.getLogger()
   for handler in list(root.handlers):
     root.removeHandler(handler)

@@ -198,14 +198,17 @@ def _value(config, key):
 
 
 def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
-  """get_config() of a config file, with dotted-key overrides ({"optimizer.lr": 1e-3})."""
+  """get_config([ARG]) of a config file given as FILE or FILE:ARG, with dotted-key overrides
+  ({"optimizer.lr": 1e-3}) set as Python values (the command line's text overrides:
+  crate_jax.cli)."""
   import importlib.util
+  path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("crate_jax_config", path)
   if spec is None or not path.endswith(".py"):
     raise ValueError(f"config file {path!r} is not a .py file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

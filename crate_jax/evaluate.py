@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax import cli
 from crate_jax import data as data_lib
 from crate_jax import models, setups
 from crate_jax.models import layers
@@ -138,52 +140,48 @@ def per_layer_figure(results: dict[str, list[float]], path: str) -> str:
   return path
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  from crate_jax import cli
+@cli.command
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(description=__doc__)
+  cli.add_config_argument(parser)
+  parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints dir or step dir")
+  parser.add_argument("--split", default=None,
+                      help="split to evaluate (default config.data.eval_split)")
+  parser.add_argument("--protocol", default="supervised", choices=PROTOCOLS,
+                      help="supervised: the model's own head; knn / linear: frozen features "
+                           "(k-NN, ridge probe) trained on the train split")
+  parser.add_argument("--layer", default="last",
+                      help="knn/linear: a layer index, 'last', or 'all' (a score per layer)")
+  parser.add_argument("--pool", default="cls", choices=layers.POOLS,
+                      help="knn/linear: class token or token mean")
+  parser.add_argument("--k", type=int, default=20, help="knn: neighbours")
+  parser.add_argument("--vs_random_init", "--vs-random-init", action="store_true",
+                      help="knn/linear: also score the same architecture at its random "
+                           "initialisation")
+  parser.add_argument("--figure", default=None,
+                      help="knn/linear with --layer=all: write accuracy vs layer to this PNG")
+  f = cli.parse_args(parser, argv)
   cli.import_tensorflow()
-  f = flags.FLAGS
   names = data_lib.check_class_names(f.config.data, f.checkpoint)  # refused before any compile
   shown = {"class_names": names} if names is not None else {}
   if f.protocol == "supervised":
     result = evaluate_checkpoint(f.config, f.checkpoint, f.split)
     print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
                       **shown, **result}))
-    return
-  layers = "all" if f.layer == "all" else ("last" if f.layer in ("", "last") else f.layer)
-  rows = {"trained": frozen_feature_eval(f.config, f.checkpoint, f.protocol, layers=layers,
+    return 0
+  layers_ = "all" if f.layer == "all" else ("last" if f.layer in ("", "last") else f.layer)
+  rows = {"trained": frozen_feature_eval(f.config, f.checkpoint, f.protocol, layers=layers_,
                                          pool=f.pool, k=f.k, split=f.split)}
   if f.vs_random_init:
-    rows["random init"] = frozen_feature_eval(f.config, None, f.protocol, layers=layers,
+    rows["random init"] = frozen_feature_eval(f.config, None, f.protocol, layers=layers_,
                                               pool=f.pool, k=f.k, split=f.split)
-  if f.figure and layers == "all":
+  if f.figure and layers_ == "all":
     per_layer_figure({k: v["per_layer"] for k, v in rows.items()}, f.figure)
   print(json.dumps({"checkpoint": f.checkpoint, "split": f.split or f.config.data.eval_split,
                     **shown, **({"random_init": rows["random init"]} if f.vs_random_init else {}),
                     **rows["trained"]}))
+  return 0
 
 
 if __name__ == "__main__":
-  from crate_jax import cli
-
-  def define_flags():
-    from absl import flags
-    cli.define_config_flag()
-    flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.", required=True)
-    flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
-    flags.DEFINE_enum("protocol", "supervised", list(PROTOCOLS),
-                      "supervised: the model's own head; knn / linear: frozen features (k-NN, "
-                      "ridge probe) trained on the train split.")
-    flags.DEFINE_string("layer", "last", "knn/linear: a layer index, 'last', or 'all' (a score "
-                        "per layer).")
-    flags.DEFINE_enum("pool", "cls", list(layers.POOLS),
-                      "knn/linear: class token or token mean.")
-    flags.DEFINE_integer("k", 20, "knn: neighbours.")
-    flags.DEFINE_bool("vs_random_init", False, "knn/linear: also score the same architecture at "
-                      "its random initialisation.")
-    flags.DEFINE_string("figure", None, "knn/linear with --layer=all: write accuracy vs layer "
-                        "to this PNG.")
-    flags.mark_flags_as_required(["config"])
-
-  cli.run(main, define_flags)
+  sys.exit(main())

@@ -21,7 +21,7 @@ import re
 import sys
 import time
 
-from crate_jax import tpu_topology
+from crate_jax import cli, tpu_topology
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 # An instruction's opcode, e.g. "= f32[8]{0} all-reduce(" or "all-gather-start(": the async
@@ -344,20 +344,28 @@ def does_not_fit_message(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------- main
-def main(argv):
-  del argv
+@cli.command
+def main(argv=None) -> int:
   import jax
-  from absl import flags
-  from crate_jax import cli
+  parser = cli.ArgumentParser(description=__doc__)
+  cli.add_config_argument(parser)
+  parser.add_argument("--topology", required=True, help=f"TPU slice: {tpu_topology.ACCEPTED}")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON object instead of the report")
+  parser.add_argument("--noeval", dest="eval", action="store_false",
+                      help="compile the train step only (default: the eval step too)")
+  parser.add_argument("--max-batch", "--max_batch", dest="max_batch", action="store_true",
+                      help="also search the largest per-chip batch that fits (a few more "
+                           "compiles)")
+  f = cli.parse_args(parser, argv)
   jax.config.update("jax_platforms", "cpu")      # the TPU is only a compile target here
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are the report
-  f = flags.FLAGS
-  slc = Slice.create(f.topology, quiet=not cli.debug_requested(sys.argv[1:]))
-  config = f.config
-  r = report(config, slc, with_eval=f.eval)
+  slc = Slice.create(f.topology, quiet=not cli.debug_requested(sys.argv[1:] if argv is None
+                                                               else argv))
+  r = report(f.config, slc, with_eval=f.eval)
   if f.max_batch:
     known = {r["per_chip_batch"]: {k: r[k] for k in (*FIGURES, "compile_error")}}
-    r["max_batch"] = max_batch(config, slc, progress=_progress, known=known)
+    r["max_batch"] = max_batch(f.config, slc, progress=_progress, known=known)
   print(json.dumps(r, indent=2) if f.json else format_report(r), flush=True)
   if not r["fits"]:
     cli.fail(does_not_fit_message(r))
@@ -371,23 +379,5 @@ def _progress(b: int, figures: dict, ok: bool) -> None:
         flush=True)
 
 
-def define_flags():
-  from absl import flags
-  from crate_jax import cli
-  cli.define_config_flag(None)
-  flags.DEFINE_string("topology", None, f"TPU slice: {tpu_topology.ACCEPTED}.")
-  flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
-  flags.DEFINE_bool("eval", True, "Also compile the eval step (--noeval: the train step only).")
-  flags.DEFINE_bool("max_batch", False, "Also search the largest per-chip batch that fits "
-                    "(a few more compiles).")
-  flags.mark_flags_as_required(["config", "topology"])
-
-
-def dashes_to_underscores(argv: list[str]) -> list[str]:
-  """--max-batch (as documented) is absl's --max_batch."""
-  return [re.sub(r"^--(no)?max-batch", r"--\1max_batch", a) for a in argv]
-
-
 if __name__ == "__main__":
-  from crate_jax import cli
-  cli.run(main, define_flags, argv=dashes_to_underscores(sys.argv))
+  sys.exit(main())

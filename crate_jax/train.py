@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from crate_jax import cli
 from crate_jax import data as data_lib
 from crate_jax import models, setups  # noqa: F401  (models: tests reach it as train.models)
 from crate_jax.training import checkpoint as ckpt_lib
@@ -184,30 +186,26 @@ def _quiet_orbax_info(record) -> bool:
   return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
-  del argv
-  from absl import flags
-  from crate_jax import cli
+@cli.command
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(description=__doc__)
+  cli.add_config_argument(parser, "configs/embedded.py")
+  parser.add_argument("--workdir", default=None,
+                      help="checkpoints and logs; default workdirs/<config name>")
+  args = cli.parse_args(parser, argv)
   logging.getLogger("absl").addFilter(_quiet_orbax_info)
   maybe_initialize_distributed()
   cli.import_tensorflow()
-  cfg = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or os.path.join(
-      "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  workdir = args.workdir or os.path.join(
+      "workdirs", os.path.splitext(os.path.basename(args.config_file.partition(":")[0]))[0])
   n, d = jax.process_count(), jax.device_count()
   logging.info("workdir %s  (%d process%s, %d device%s)", workdir, n, "es" * (n > 1), d,
                "s" * (d > 1))
-  result = train_and_evaluate(cfg, workdir)
+  result = train_and_evaluate(args.config, workdir)
   if jax.process_index() == 0 and result:
     print(f"final eval  {metrics_lib.format_eval(result)}", flush=True)
+  return 0
 
 
 if __name__ == "__main__":
-  from crate_jax import cli
-
-  def define_flags():
-    from absl import flags
-    cli.define_config_flag("configs/embedded.py")
-    flags.DEFINE_string("workdir", None, "Checkpoints and logs; default workdirs/<config name>.")
-
-  cli.run(main, define_flags)
+  sys.exit(main())

@@ -105,7 +105,7 @@ def test_bad_input_is_one_error_line_and_exit_2(runs, name, starts):
     assert line.endswith("(--config.batchsize=8)")
 
 
-@pytest.mark.parametrize("name,error", [("train_typo_debug", "AttributeError"),
+@pytest.mark.parametrize("name,error", [("train_typo_debug", "ConfigError"),
                                         ("evaluate_no_ckpt_debug", "CheckpointError")])
 def test_debug_shows_the_traceback(runs, name, error):
   r = runs[0][name]
