@@ -233,6 +233,8 @@ def contexts(tmp_path_factory):
   return {row: Context(row, root) for row in ROWS}
 
 
+# The TPU plan compiles for another backend: the shared CPU compilation cache cannot serve it.
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 @pytest.mark.parametrize("row", list(ROWS))
 def test_every_command(row, contexts):
   """One row: every command works, or is refused as the table says (one line, a user error)."""

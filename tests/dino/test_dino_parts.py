@@ -108,3 +108,24 @@ def test_head_shapes_and_weight_normalised_prototypes():
   want = z @ (v / np.linalg.norm(v, axis=0, keepdims=True))
   np.testing.assert_allclose(out, want, atol=1e-5)
   assert np.abs(want).max() <= 1.0 + 1e-9
+
+
+def test_dino_weights_are_the_teacher_backbone_also_in_old_checkpoints():
+  """Which weights stand for a DINO run: the teacher's backbone (eval_ema), else the student's,
+  never the head; checkpoints from before the task registry kept the teacher in ema_params."""
+  import ml_collections
+  from crate_jax.training import tasks
+  task = tasks.get("dino")
+  student = {"layer_0": np.zeros(2), "dino_head": np.zeros(3)}
+  teacher = {"layer_0": np.ones(2), "dino_head": np.ones(3)}
+  cfg = ml_collections.ConfigDict({"task": "dino", "eval_ema": True, "ema_decay": 0.99})
+  new = {"params": student, "ema_params": None, "task_state": {"teacher": teacher}}
+  old = {"params": student, "ema_params": teacher, "dino_centre": np.zeros((1, 3))}
+  for state in (new, old):
+    params, what = task.weights(cfg, state)
+    assert what == "teacher" and set(params) == {"layer_0"} and params["layer_0"][0] == 1
+    full, _ = task.weights(cfg, state, for_eval_step=True)
+    assert "dino_head" in full
+  cfg.eval_ema = False
+  params, what = task.weights(cfg, new)
+  assert what == "student" and set(params) == {"layer_0"} and params["layer_0"][0] == 0
