@@ -88,8 +88,8 @@ def check_export(model, target: str, *, setup: str) -> None:
   c = models.contract(model)
   if target == "torch" and not c.torch_layout:
     refuse(None, "export --to torch", f"{type(model).__name__} has no PyTorch layout to "
-            "export to (CRATE, CRATE-alpha and CRATE-MAE have one); --to stablehlo works",
-            setup)
+           "export to (CRATE, CRATE-alpha, CRATE-MAE and ViT (timm's) have one); --to "
+           "stablehlo works", setup)
   if target == "stablehlo" and not c.classifier:
     refuse(None, "export --to stablehlo", f"{type(model).__name__} (pre-training) has no "
             "classifier forward pass; fine-tune a classifier first (e.g. "

@@ -71,7 +71,6 @@ REFUSED = {
     ("crate_mae", "evaluate"): None,
     ("vit", "analyze"): "ViT carries no white-box quantities",
     ("gpt", "analyze"): "TextModel carries no white-box quantities",
-    ("vit", "export_torch"): "ViT has no PyTorch layout",
     ("crate_mae", "export_stablehlo"): "has no classifier forward pass",
     ("crate_bert", "generate"): "not a causal language model",
 }

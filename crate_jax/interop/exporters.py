@@ -1,7 +1,7 @@
-"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes or the
-CRATE-alpha port, strict=True) or a serialized StableHLO forward pass (jax.export, symbolic batch
-dimension). CRATE-MAE's tensors that are not parameters of ours are written as
-mae_keys.fixed_tensors says.
+"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes, the
+CRATE-alpha port or timm's VisionTransformer for ViT, strict=True) or a serialized StableHLO
+forward pass (jax.export, symbolic batch dimension). CRATE-MAE's tensors that are not
+parameters of ours are written as mae_keys.fixed_tensors says.
 
 Nothing is written unless the whole export succeeds; an existing output is refused.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import ml_collections
 
 from crate_jax import models, setups
-from crate_jax.interop import alpha_keys, mae_keys, torch_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys, vit_keys
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import weights as weights_lib
 
@@ -85,7 +85,8 @@ def _setup(cfg, model) -> str:
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port),
+  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port;
+  ViT: timm's VisionTransformer),
   from either layer layout (a run with scan_layers saves the layers stacked)."""
   params = models.scan_layout(jax.device_get(params), False)
   if isinstance(model, models.CRATEMAE):
@@ -93,6 +94,9 @@ def torch_state_dict(model, params) -> dict[str, np.ndarray]:
   if isinstance(model, models.CRATEAlpha):
     return alpha_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                     dim_head=model.dim_head)
+  if isinstance(model, models.ViT):  # timm's VisionTransformer (class token, LN eps 1e-6)
+    return vit_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
+                                  dim_head=model.dim_head)
   if type(model) is not models.CRATE:
     setups.check_export(model, "torch", setup=f"model {type(model).__name__}")
   return torch_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,

@@ -116,7 +116,9 @@ class ViT(nn.Module, kw_only=True):
   dropout: float = 0.0
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
-  contract: ClassVar[family.Contract] = family.Contract(whitebox=frozenset({"attention"}))
+  # torch_layout: timm's VisionTransformer (crate_jax.interop.vit_keys)
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=frozenset({"attention"}),
+                                                        torch_layout=True)
 
   def embed(self, images):
     """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""

@@ -105,13 +105,12 @@ def test_bad_inputs_one_line_and_nothing_written(saved, tmp_path, capsys):
                       "--out", str(tmp_path / "a.pth")]) == 2
   assert "no checkpoint found" in capsys.readouterr().err
   assert not (tmp_path / "a.pth").exists()
-  vit = models.get("vit_tiny", image_size=16, patch_size=4, num_classes=3, dim=16, depth=1,
-                   heads=2, dim_head=8)
-  ckpt_lib.save_params(str(tmp_path / "vit"),
-                       vit.init(jax.random.key(0), np.zeros((1, 16, 16, 3)))["params"],
-                       {"model": "vit_tiny", "model_kwargs": dict(image_size=16, patch_size=4,
-                        num_classes=3, dim=16, depth=1, heads=2, dim_head=8)})
-  assert export.main(["--checkpoint", str(tmp_path / "vit"), "--to", "torch",
+  arch = dict(vocab_size=32, max_len=8, dim=16, depth=1, heads=2, dim_head=8)
+  gpt = models.get("gpt_mini", **arch)
+  ckpt_lib.save_params(str(tmp_path / "gpt"),
+                       gpt.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"],
+                       {"model": "gpt_mini", "model_kwargs": arch})
+  assert export.main(["--checkpoint", str(tmp_path / "gpt"), "--to", "torch",
                       "--out", str(tmp_path / "b.pth")]) == 2
   err = capsys.readouterr().err
   assert "has no PyTorch layout" in err and len(err.strip().splitlines()) == 1
