@@ -157,6 +157,15 @@ def test_crate_bert_fine_tunes_on_glue_through_init_from(tmp_path):
   text._STREAMS.clear()  # pylint: disable=protected-access
   with tfds.testing.mock_data(num_examples=64, data_dir=mock):
     out = train.train_and_evaluate(c, str(tmp_path / "sst2"))
+    # frozen features of a text classifier: k-NN on the mean of each layer's token features
+    # (mock_data gives every split 64 examples)
+    from crate_jax import evaluate, setups
+    probe = evaluate.frozen_feature_eval(c, str(tmp_path / "sst2"), "knn", pool="mean",
+                                         layers="all")
+    assert probe["num_train"] == probe["num_test"] == 64 and len(probe["per_layer"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in probe["per_layer"])
+    with pytest.raises(setups.UnsupportedError, match="reads no class token: use --pool mean"):
+      evaluate.frozen_feature_eval(c, str(tmp_path / "sst2"), "knn", pool="cls")
   text._STREAMS.clear()  # pylint: disable=protected-access
   assert 0.0 <= out["top1"] <= 1.0 and np.isfinite(out["loss"])
   tuned, _ = ckpt_lib.load_params(str(tmp_path / "sst2"))
