@@ -148,9 +148,9 @@ def with_batch(config, per_chip: int, chips: int):
 def build(config, slc: Slice):
   """train.plan + program.build for the slice's devices and hosts, as the loop does it."""
   from crate_jax import train
-  from crate_jax.data import datasets
+  from crate_jax.data import sources
   from crate_jax.training import program
-  examples = datasets.planned_train_examples(config.data.name) or config.batch_size
+  examples = sources.source(config.data.name).train_examples or config.batch_size
   p = train.plan(config, devices=slc.devices, process_count=slc.hosts,
                  num_train_examples=examples)
   prog = program.build(config, p.model, p.mesh, total_steps=p.total_steps,

@@ -62,9 +62,8 @@ def check(config, command: str, *, target: str | None = None, pool: str | None =
 
 def _check_probe(config, command, task, model, pool):
   from crate_jax import models
-  from crate_jax.data import text_datasets
-  if text_datasets.is_text(config.data.name) and not text_datasets.is_classification(
-      config.data.name):
+  from crate_jax.data import sources
+  if not sources.source(config.data.name).labelled:
     refuse(config, f"--protocol {command}", f"{config.data.name} has no labels to probe "
             "(a k-NN or linear probe needs labelled examples: an image dataset or a GLUE task)")
   if pool == "cls" and not models.has_class_token(model):
@@ -153,11 +152,11 @@ def _validate_text(config, need, task, model) -> None:
   """Text: a known tokenizer whose ids fit the model's vocabulary, sequences that fit its
   position table, a GLUE task's class count and pad id (the task modules say which datasets
   their objective reads)."""
-  from crate_jax.data import text_datasets, tokenizers
+  from crate_jax.data import sources, tokenizers
   tokenizers.check(config.data.tokenizer)
-  classifying = text_datasets.is_classification(config.data.name)
+  classifying = sources.source(config.data.name).labelled
   if classifying:
-    classes = text_datasets.spec(config.data.name).num_classes
+    classes = sources.source(config.data.name).num_classes
     need(config.data.num_classes == classes, "data.num_classes",
          f"{config.data.name} has {classes} classes")
   need(config.data.seq_len >= 2, "data.seq_len", "must be >= 2")

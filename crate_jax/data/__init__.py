@@ -7,6 +7,7 @@
   to_global(batch, sharding), prefetch_to_device(iterator, sharding, size=2)  -> global jax.Arrays
   check_batch_size(global_batch_size, num_devices, process_count=None)
   num_examples(data_cfg, split)
+  source(name)      what a dataset name stands for, images or text (crate_jax.data.sources)
   DataReadError: an unreadable file (corrupt, missing) or transient read errors that outlasted
                  config.data.read_retries; both iterators retry transient errors (data/retry.py)
 
@@ -30,6 +31,7 @@ _LAZY = {
     "DATASETS": "datasets",
     "DatasetNotPreparedError": "datasets",
     "datasets_spec": ("datasets", "spec"),
+    "source": "sources",
     "EmbeddedMnist": "embedded",
 }
 

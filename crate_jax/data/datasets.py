@@ -99,15 +99,6 @@ def spec(name: str) -> DatasetSpec:
   return DATASETS[key]
 
 
-def planned_train_examples(name: str) -> int:
-  """The train split's size as the tables know it (0: unknown, e.g. a text corpus, whose
-  packed sequences depend on the tokenizer), for plans made where the data is absent."""
-  from crate_jax.data import text_datasets
-  if text_datasets.is_text(name):
-    return 0
-  return spec(name).train_examples
-
-
 def get_builder(data_cfg):
   """A prepared tfds builder for config.data.name; never downloads (embedded_mnist: prepares)."""
   hide_gpus_from_tf()

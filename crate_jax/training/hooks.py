@@ -50,10 +50,10 @@ def whitebox_hook(config, p):
   features' PCA for families without a class token). The hook takes the weights that stand for
   the model (its task's rule: the EMA, DINO's teacher backbone, ...)."""
   from crate_jax import whitebox
-  from crate_jax.data import datasets
+  from crate_jax.data import sources
   from crate_jax.whitebox import segscore
   contract = models.contract(p.model)
-  masks = contract.inputs == "images" and datasets.spec(config.data.name).mask_key is not None
+  masks = sources.source(config.data.name).has_masks
   if not masks:
     logging.info("whitebox: dataset %s has no segmentation masks; no whitebox/seg_iou",
                  config.data.name)

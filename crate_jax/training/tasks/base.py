@@ -35,8 +35,8 @@ class Task:
 
   def reads_tokens(self, config) -> bool:
     """Whether the model reads token ids (else images)."""
-    from crate_jax.data import text_datasets
-    return text_datasets.is_text(config.data.name)
+    from crate_jax.data import sources
+    return sources.source(config.data.name).kind == "text"
 
   def input_shape(self, config) -> tuple:
     """One example's model input: (seq_len,) tokens or (H, W, 3) images."""

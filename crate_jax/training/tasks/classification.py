@@ -74,8 +74,8 @@ class Classification(base.Task):
          f"{type(model).__name__} is not a classifier (task classification needs logits; "
          "train it with its own objective)")
     if self.reads_tokens(config):
-      from crate_jax.data import text_datasets
-      need(text_datasets.is_classification(config.data.name), "data.name",
+      from crate_jax.data import sources
+      need(sources.source(config.data.name).labelled, "data.name",
            "has no labels: task classification on text reads a GLUE task (corpora train with "
            "task lm or mlm)")
 

@@ -18,12 +18,13 @@ class _TextTask(base.Task):
     return True
 
   def validate(self, config, need):
-    from crate_jax.data import text_datasets
-    need(text_datasets.is_text(config.data.name) and
-         not text_datasets.is_classification(config.data.name), "data.name",
-         f"is not a text corpus for task {self.name!r} (corpora: "
-         f"{[n for n in text_datasets.names() if not text_datasets.is_classification(n)]}; "
-         "GLUE tasks train with task classification)")
+    from crate_jax.data import sources
+    corpora = [n for n in sources.names() if sources.source(n).kind == "text"
+               and not sources.source(n).labelled]
+    src = sources.source(config.data.name)
+    need(src.kind == "text" and not src.labelled, "data.name",
+         f"is not a text corpus for task {self.name!r} (corpora: {corpora}; GLUE tasks train "
+         "with task classification)")
     need(0.0 < config.mlm_probability < 1.0, "mlm_probability", "must be in (0, 1)")
 
   def batch_spec(self, config, batch_size, *, train):
