@@ -29,17 +29,7 @@ def get_config():
   config.model.kwargs.pool = "mean"
   config.compute_dtype = "float32"
 
-  config.data.name = "embedded_mnist"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.image_size = 28
-  config.data.num_classes = 10
-  config.data.flip = False
-  config.data.eval_resize = 28
-  config.data.mean = (0.1307,) * 3
-  config.data.std = (0.3081,) * 3
-  config.data.shuffle_buffer = 4_000
-  config.data.cache = True
+  config_lib.embedded_mnist_data(config.data)  # 28 px digits, offline
   config.data.multicrop.update(num_local=4, local_size=16, global_scale=(0.5, 1.0),
                                local_scale=(0.2, 0.5), jitter_p=0.0, grey_p=0.0)
 

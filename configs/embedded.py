@@ -11,18 +11,7 @@ def get_config():
   config.model.kwargs.update(patch_size=4, dim=96, depth=4, heads=4, dim_head=24)
   config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
 
-  config.data.name = "embedded_mnist"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.image_size = 28
-  config.data.num_classes = 10
-  config.data.train_augment = "resize"
-  config.data.flip = False            # digits are not mirror-symmetric
-  config.data.eval_resize = 28
-  config.data.mean = (0.1307,) * 3
-  config.data.std = (0.3081,) * 3
-  config.data.shuffle_buffer = 4_000
-  config.data.cache = True
+  config_lib.embedded_mnist_data(config.data)  # 28 px digits, offline
 
   config.batch_size = 128
   config.eval_batch_size = 200

