@@ -63,24 +63,29 @@ def _model_and_params(config, checkpoint: str | None, seed: int | None = None):
   return model, params
 
 
-def layer_features(config, model, params, split: str, pool: str = "cls"):
-  """(features (L, n, d) per layer, pooled as `pool`, labels (n,)) of a split, unaugmented
-  (the eval preprocessing), padding dropped. Layer l is the output of block l."""
+def layer_forward(model, pool: str):
+  """jitted (params, inputs) -> (L, B, d): each layer's output pooled as `pool` on the device;
+  one compile serves every split."""
   from crate_jax.training import probes
   from crate_jax.whitebox import stats
-  key = models.contract(model).batch_key
 
   @jax.jit
   def forward(p, x):
     _, out = stats.intermediates(model, p, x)
-    return models.layer_outputs(model, out)
+    return probes.pool(models.layer_outputs(model, out), pool)
+  return forward
 
+
+def layer_features(config, model, params, split: str, pool: str = "cls", forward=None):
+  """(features (L, n, d) per layer, pooled as `pool`, labels (n,)) of a split, unaugmented
+  (the eval preprocessing), padding dropped. Layer l is the output of block l."""
+  forward = forward or layer_forward(model, pool)
+  key = models.contract(model).batch_key
   feats, labels = [], []
   for batch in data_lib.eval_iterator(config.data, global_batch_size=config.eval_batch_size,
                                       split=split):
     keep = batch["valid"].astype(bool)
-    tokens = np.asarray(jax.device_get(forward(params, jnp.asarray(batch[key]))))
-    feats.append(np.stack([probes.pool(t, pool) for t in tokens])[:, keep])
+    feats.append(np.asarray(jax.device_get(forward(params, jnp.asarray(batch[key]))))[:, keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(feats, axis=1), np.concatenate(labels)
 
@@ -102,8 +107,11 @@ def frozen_feature_eval(config, checkpoint: str | None, protocol: str, *, layers
     layer = int(layers)
     if depth is not None and not -depth <= layer < depth:
       raise ValueError(f"--layer {layer} is out of range for a {depth}-layer model")
-  train_x, train_y = layer_features(config, model, params, config.data.train_split, pool)
-  test_x, test_y = layer_features(config, model, params, split or config.data.eval_split, pool)
+  forward = layer_forward(model, pool)
+  train_x, train_y = layer_features(config, model, params, config.data.train_split, pool,
+                                    forward)
+  test_x, test_y = layer_features(config, model, params, split or config.data.eval_split, pool,
+                                  forward)
   picked = (range(train_x.shape[0]) if layers == "all"
             else [train_x.shape[0] - 1 if layers == "last" else int(layers) % train_x.shape[0]])
   scores = []

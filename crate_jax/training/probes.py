@@ -62,9 +62,10 @@ def linear_probe_predict(train_x, train_y, test_x, *, num_classes: int,
   return np.argmax(scale(test_x) @ w + b, axis=1), best
 
 
-def pool(tokens: np.ndarray, how: str) -> np.ndarray:
-  """(B, N, d) tokens -> (B, d): the class token (index 0) or the mean over all tokens."""
+def pool(tokens, how: str):
+  """(..., N, d) tokens -> (..., d): the class token (index 0) or the mean over all tokens
+  (numpy or jax arrays)."""
   from crate_jax.models import layers
   if layers.check_pool(how) == "cls":
-    return tokens[:, 0]
-  return tokens.mean(axis=1)
+    return tokens[..., 0, :]
+  return tokens.mean(axis=-2)
