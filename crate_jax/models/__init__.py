@@ -5,6 +5,7 @@
   variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
 """
 from crate_jax.models.crate import CRATE, ISTA, MSSA, CRATELayer, PatchEmbed, ista, mssa
+from crate_jax.models.tssa import causal_tssa, tssa
 from crate_jax.models.posemb import resize_params_pos_embedding, resize_pos_embedding
 from crate_jax.models.registry import from_config, get, names, register, variant_kwargs
 from crate_jax.models.crate_alpha import ALPHA_VARIANTS, CRATEAlpha, alpha_kwargs, ista_alpha
@@ -51,7 +52,8 @@ for _size in BERT_SIZES:
   register(f"crate_bert_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=False))
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
-__all__ = ["Contract", "contract", "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
+__all__ = ["Contract", "contract", "causal_tssa", "tssa",
+           "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
            "adapt_params", "forward_flops",
            "from_config", "get", "has_class_token", "head_params", "init_params", "ista",
            "layer_ids", "layer_outputs", "mssa", "scan_layout",
