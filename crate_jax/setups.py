@@ -40,12 +40,11 @@ def check(config, command: str, *, target: str | None = None, pool: str | None =
   c = models.contract(model)
   if command in task.refuses:
     refuse(config, command, task.refuses[command])
-  if command in ("train", "plan") and config.whitebox_every_steps > 0:
-    check(config, "whitebox")
-  elif command == "whitebox" and not WHITEBOX_NEEDS <= c.whitebox:
-    refuse(config, "the white-box hook (config.whitebox_every_steps)",
-            f"{type(model).__name__} carries no {sorted(WHITEBOX_NEEDS - c.whitebox)} "
-            "(the CRATE families do); set whitebox_every_steps=0")
+  if command == "whitebox" or (command in ("train", "plan") and config.whitebox_every_steps > 0):
+    if not WHITEBOX_NEEDS <= c.whitebox:
+      refuse(config, "the white-box hook (config.whitebox_every_steps)",
+             f"{type(model).__name__} carries no {sorted(WHITEBOX_NEEDS - c.whitebox)} "
+             "(the CRATE families do); set whitebox_every_steps=0")
   elif command in ("knn", "linear"):
     _check_probe(config, command, task, model, pool)
   elif command == "analyze" and not WHITEBOX_NEEDS <= c.whitebox:

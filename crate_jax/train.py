@@ -21,7 +21,7 @@ from etils import epath
 
 from crate_jax import cli
 from crate_jax import data as data_lib
-from crate_jax import models, setups  # noqa: F401  (models: tests reach it as train.models)
+from crate_jax import setups
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import evaluation, hooks, program, setup, tasks
 from crate_jax.training import flops as flops_lib

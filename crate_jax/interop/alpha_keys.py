@@ -51,10 +51,9 @@ def alpha_key_map(depth: int, heads: int, dim_head: int):
 def torch_to_flax(state_dict: Mapping[str, Any], expected, *, depth: int, heads: int,
                   dim_head: int) -> dict[str, Any]:
   """The PyTorch port's state dict -> params shaped like `expected`."""
-  sd = torch_keys.unwrap_state_dict(state_dict)
-  key_map = alpha_key_map(depth, heads, dim_head)
-  torch_keys.check_keys(sd, key_map, "state dict", "CRATE-alpha")
-  return torch_keys.fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  return torch_keys.from_state_dict(torch_keys.unwrap_state_dict(state_dict),
+                                    alpha_key_map(depth, heads, dim_head), expected,
+                                    "CRATE-alpha")
 
 
 def flax_to_torch(params, *, depth: int, heads: int, dim_head: int) -> dict[str, np.ndarray]:

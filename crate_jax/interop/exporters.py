@@ -7,7 +7,6 @@ Nothing is written unless the whole export succeeds; an existing output is refus
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -20,6 +19,7 @@ import ml_collections
 
 from crate_jax import models, setups
 from crate_jax.interop import alpha_keys, mae_keys, torch_keys, vit_keys
+from crate_jax.models import registry
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import weights as weights_lib
 
@@ -47,9 +47,7 @@ def model_from_meta(meta: dict):
   else:
     raise ExportError("the checkpoint's meta names no model (neither a training config nor a "
                       "converted model)")
-  fields = {f.name for f in dataclasses.fields(models.get(name))}
-  kwargs = {k: v for k, v in kwargs.items() if k in fields or k not in ("num_classes",)}
-  return models.get(name, **kwargs), cfg
+  return models.get(name, **registry.without_data_only_kwargs(name, kwargs)), cfg
 
 
 def example_input(model, cfg) -> jax.ShapeDtypeStruct:

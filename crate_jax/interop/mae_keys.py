@@ -105,10 +105,9 @@ def _check_unused(sd, fixed) -> None:
 def torch_to_flax(state_dict: Mapping[str, Any], expected, model) -> dict[str, Any]:
   """The official crate_ae state dict -> params shaped like `expected` (a CRATEMAE's params)."""
   sd = torch_keys.unwrap_state_dict(state_dict)
-  key_map = mae_key_map(model)
   fixed = fixed_tensors(model)
-  torch_keys.check_keys(sd, {**key_map, **fixed}, "state dict", "CRATE-MAE")
-  params = torch_keys.fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  params = torch_keys.from_state_dict(sd, mae_key_map(model), expected, "CRATE-MAE",
+                                      also_allowed=fixed)
   _check_unused(sd, fixed)
   return params
 

@@ -103,8 +103,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, Any], *,
   key_map = crate_key_map(depth, heads, dim_head, include_head=include_head)
   sd = {k: v for k, v in sd.items() if not k.startswith(ignore)
         and (include_head or not k.startswith("mlp_head."))}
-  check_keys(sd, key_map, "state dict", "CRATE")
-  params = fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  params = from_state_dict(sd, key_map, expected, "CRATE")
   if not include_head:
     for name in ("head_norm", "head"):
       params[name] = {k: np.asarray(v) for k, v in expected[name].items()}
@@ -121,6 +120,15 @@ def to_torch(params: Mapping[str, Any], key_map) -> dict[str, np.ndarray]:
   """params -> {torch key: array} through a key map's flax->torch transforms."""
   return {k: np.ascontiguousarray(np.asarray(back(np.asarray(_leaf(params, p), np.float32))))
           for k, (p, _, back) in key_map.items()}
+
+
+def from_state_dict(sd: Mapping[str, Any], key_map, expected, arch: str, *,
+                    also_allowed=()) -> dict[str, Any]:
+  """params shaped like `expected` from an unwrapped state dict through a key map: its keys
+  checked (one error naming the missing and unexpected ones; `also_allowed` keys are accepted
+  but not read), every tensor transformed and shape-checked."""
+  check_keys(sd, {**key_map, **dict.fromkeys(also_allowed)}, "state dict", arch)
+  return fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
 
 
 def check_keys(have, want, what: str, arch: str) -> None:

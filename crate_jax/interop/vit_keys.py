@@ -62,10 +62,8 @@ def vit_key_map(depth: int, heads: int, dim_head: int) -> dict[str, tuple]:
 def torch_to_flax(state_dict: Mapping[str, Any], expected, *, depth: int, heads: int,
                   dim_head: int) -> dict[str, Any]:
   """A timm VisionTransformer state dict -> params shaped like `expected`."""
-  sd = torch_keys.unwrap_state_dict(state_dict)
-  key_map = vit_key_map(depth, heads, dim_head)
-  torch_keys.check_keys(sd, key_map, "state dict", "ViT (timm)")
-  return torch_keys.fill(((k, sd[k], p, f) for k, (p, f, _) in key_map.items()), expected)
+  return torch_keys.from_state_dict(torch_keys.unwrap_state_dict(state_dict),
+                                    vit_key_map(depth, heads, dim_head), expected, "ViT (timm)")
 
 
 def flax_to_torch(params, *, depth: int, heads: int, dim_head: int) -> dict[str, np.ndarray]:

@@ -41,6 +41,14 @@ def _check(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")
 
 
+def without_data_only_kwargs(name: str, kwargs: dict) -> dict:
+  """kwargs without the data's class count where the family has no head to give it to
+  (CRATE-MAE pre-training): configs set model.kwargs.num_classes from config.data."""
+  _check(name)
+  fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
+  return {k: v for k, v in kwargs.items() if k != "num_classes" or k in fields}
+
+
 def from_config(config) -> nn.Module:
   """The model a train config describes (crate_jax.config_lib.base_config's keys):
   config.model.{name, kwargs, scan_layers, mssa_output, drop_path_rate}, compute_dtype, remat (a
@@ -48,10 +56,8 @@ def from_config(config) -> nn.Module:
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
   _check(name)
-  kwargs = dict(config.model.kwargs)
+  kwargs = without_data_only_kwargs(name, dict(config.model.kwargs))
   fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
-  if "num_classes" not in fields:  # the data's class count, for families without a head
-    kwargs.pop("num_classes", None)
   if "dtype" in fields:
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not one of "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from crate_jax import train
+from crate_jax import models, train
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import sharding
 from tests.helpers import final_params, losses, tiny_config
@@ -94,7 +94,7 @@ def test_activations_stay_batch_split_under_fsdp(name, kwargs, per_layer):
   config.model.kwargs.update(patch_size=16, depth=2, **kwargs)
   config.mesh.fsdp, config.batch_size = 8, 16
   mesh = sharding.make_mesh(config.mesh)
-  model = train.models.from_config(config)
+  model = models.from_config(config)
   prog = program.build(config, model, mesh, total_steps=10, steps_per_epoch=10)
   text = prog.train_step.lower(prog.abstract_state,
                                prog.abstract_batch(config, 16, train=True)).as_text()
@@ -103,4 +103,4 @@ def test_activations_stay_batch_split_under_fsdp(name, kwargs, per_layer):
   assert all('"data", "fsdp"' in line or "{\"data\", \"fsdp\"}" in line for line in constraints)
   # outside the train program (plain model.apply: tests, analysis) it is a no-op
   x = jax.numpy.ones((4, 3, 8))
-  assert train.models.layers.batch_split(x) is x
+  assert models.layers.batch_split(x) is x

@@ -93,10 +93,6 @@ class Task:
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
     return state.replace(params=params, ema_params=ema)
 
-  def backbone_keys(self, config) -> tuple[str, ...]:
-    """Top-level params of the state that are not the model's (e.g. DINO's head)."""
-    return ()
-
 
 def _uses_ema(config) -> bool:
   return config is not None and float(config.get("ema_decay", 0)) > 0 and bool(

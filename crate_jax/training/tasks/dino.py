@@ -197,8 +197,6 @@ class DINO(base.Task):
     return state.replace(params=params, task_state=dict(
         state.task_state, teacher=jax.tree.map(jnp.copy, params)))
 
-  def backbone_keys(self, config):
-    return (HEAD,)
 
 
 base.register(DINO())
