@@ -61,7 +61,7 @@ def bench_jax(name: str, batch: int, *, dtype: str, steps_: int, warmup: int, re
   state = jax.jit(lambda: steps.create_train_state(model, tx, (size, size, 3), 0),
                   out_shardings=repl)()
   if forward_only:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, rngs={"mask": jax.random.key(0)}))
+    fn = jax.jit(lambda p, x: model.apply(models.variables(p), x, rngs={"mask": jax.random.key(0)}))
     args = (state.params, batch_data["image"])
   else:
     loss = tasks.get(task).loss_fn(model, _BENCH_CONFIG)

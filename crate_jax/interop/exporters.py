@@ -115,7 +115,7 @@ def export_torch(checkpoint: str, out: str) -> str:
 def forward_fn(model, params):
   """inputs (B, H, W, 3) float32 normalised images, or (B, T) int32 tokens -> logits float32."""
   def forward(inputs):
-    out = model.apply({"params": params}, inputs)
+    out = model.apply(models.variables(params), inputs)
     return jnp.asarray(out, jnp.float32)
   return forward
 

@@ -12,10 +12,11 @@ from crate_jax.models.crate_alpha import ALPHA_VARIANTS, CRATEAlpha, alpha_kwarg
 from crate_jax.models.crate_mae import (MAE_SIZES, CRATEMAE, CRATEMAEClassifier,
                                         classifier_params_from_mae, reconstruction_figure)
 from crate_jax.models.vit import VIT_SIZES, ViT
-from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TextModel, lm_kwargs
+from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TOST_GPT_SIZES, TextModel, lm_kwargs
+from crate_jax.models.tost import TOST_SIZES, ToST, tost_kwargs
 from crate_jax.models.family import (Contract, adapt_params, contract, forward_flops,
                                      has_class_token, head_params, init_params,
-                                     layer_ids,
+                                     layer_ids, apply_train, variables, with_state,
                                      layer_outputs, scan_layout)
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
@@ -43,21 +44,30 @@ for _size, (_dim, _depth, _heads) in MAE_SIZES.items():
   register(f"crate_mae_{_size}", CRATEMAE, **_arch)
   register(f"crate_mae_classifier_{_size}", CRATEMAEClassifier, **_arch)
 
+# ToST (linear-time TSSA attention): the official tost_cab_{size}_{p16,p8} factories.
+for _size in TOST_SIZES:
+  for _patch in (16, 8):
+    register(f"tost_cab_{_size}_p{_patch}", ToST, **tost_kwargs(_size, _patch))
+
 # Language: CRATE-GPT / CRATE-BERT and the GPT / BERT baselines of the same sizes; small /
 # medium / large / xl are the official CRATE-GPT's crate / crate-medium / crate-large / crate-xl.
 for _size in GPT_SIZES:
   register(f"crate_gpt_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=True))
   register(f"gpt_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=True))
+for _size in TOST_GPT_SIZES:   # the causal ToST (tost_gpt_base / medium / large: the official)
+  register(f"tost_gpt_{_size}", TextModel, **lm_kwargs(_size, block="tost", causal=True))
 for _size in BERT_SIZES:
   register(f"crate_bert_{_size}", TextModel, **lm_kwargs(_size, block="crate", causal=False))
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
-__all__ = ["Contract", "contract", "causal_tssa", "tssa",
+__all__ = ["Contract", "contract", "causal_tssa", "tssa", "apply_train", "variables",
+           "with_state",
            "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
            "adapt_params", "forward_flops",
            "from_config", "get", "has_class_token", "head_params", "init_params", "ista",
            "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",
-           "CRATEMAE", "CRATEMAEClassifier", "ViT", "classifier_params_from_mae", "ista_alpha",
+           "CRATEMAE", "CRATEMAEClassifier", "ViT", "ToST", "classifier_params_from_mae",
+           "ista_alpha",
            "reconstruction_figure"]

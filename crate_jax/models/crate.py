@@ -247,7 +247,7 @@ class CRATE(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "head_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
-  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.CRATE_WHITEBOX,
                                                         torch_layout=True)
 
   def embed(self, images):

@@ -191,7 +191,7 @@ class CRATEAlpha(nn.Module, kw_only=True):
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
-  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.CRATE_WHITEBOX,
                                                         torch_layout=True)
 
   def embed(self, images):

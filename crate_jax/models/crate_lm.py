@@ -45,10 +45,13 @@ import jax.numpy as jnp
 from crate_jax.models import family
 from crate_jax.models import layers as L
 from crate_jax.models.crate import CRATELayer, layer_macs
+from crate_jax.models.tost import ToSTBlock
 from crate_jax.models.vit import ViTBlock
 
 Dtype = Any
-BLOCKS = ("crate", "transformer")
+BLOCKS = ("crate", "transformer", "tost")
+TOST_GPT_ETA = 1e-5        # the causal ToST's LayerScale init, both branches
+TOST_WHITEBOX = frozenset({"normed", "features", "memberships"})
 BYTE_VOCAB = 259          # 256 bytes + end-of-document, mask, pad (crate_jax.data.tokenizers)
 GPT2_VOCAB = 50_304       # GPT-2's 50,257 BPE tokens padded to a multiple of 64 (ours)
 BERT_VOCAB = 30_522       # BERT's WordPiece vocabulary
@@ -56,6 +59,9 @@ BERT_VOCAB = 30_522       # BERT's WordPiece vocabulary
 # GPT-2 sizes ("crate", "crate-medium", "crate-large", "crate-xl"); BERT: BERT's base / large.
 GPT_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "small": (768, 12, 12),
              "medium": (1024, 24, 16), "large": (1280, 36, 20), "xl": (1600, 48, 25)}
+# The causal ToST's official sizes (tost_lang/config/train_tost_{base,medium,large}_ls.py).
+TOST_GPT_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "base": (768, 12, 12),
+                  "medium": (1024, 24, 16), "large": (1280, 36, 20)}
 BERT_SIZES = {"tiny": (64, 2, 4), "mini": (256, 4, 4), "base": (768, 12, 12),
               "large": (1024, 24, 16)}
 
@@ -79,6 +85,8 @@ def text_flops(*, block: str, seq_len: int, vocab_size: int, dim: int, depth: in
   inner = heads * dim_head
   if block == "crate":
     per_layer = layer_macs(seq_len, dim, inner)
+  elif block == "tost":   # U and W_o, the MLP; TSSA itself is O(T d) elementwise work
+    per_layer = seq_len * (2 * dim * inner + 2 * mlp_ratio * dim * dim)
   else:
     per_layer = seq_len * (4 * dim * inner + 2 * mlp_ratio * dim * dim) + 2 * seq_len ** 2 * inner
   return 2.0 * (depth * per_layer + seq_len * dim * vocab_size)
@@ -125,10 +133,12 @@ class TextModel(nn.Module, kw_only=True):
 
   @property
   def contract(self) -> family.Contract:
-    """Tokens in; CRATE blocks carry every white-box quantity, transformer blocks attention."""
+    """Tokens in; CRATE blocks carry every white-box quantity of CRATE, ToST blocks their
+    features and memberships, transformer blocks attention."""
+    whitebox = {"crate": family.CRATE_WHITEBOX, "tost": TOST_WHITEBOX}.get(
+        self.block, frozenset({"attention"}))
     return family.Contract(inputs="tokens", causal=self.causal and self.num_classes == 0,
-                           whitebox=family.WHITEBOX if self.block == "crate"
-                           else frozenset({"attention"}))
+                           whitebox=whitebox)
 
   @property
   def layer_output_key(self) -> str:
@@ -167,7 +177,15 @@ class TextModel(nn.Module, kw_only=True):
                            mssa_init_depth=self.depth, **common)
     if self.decode:
       raise ValueError("decode=True (key-value cache) is implemented for CRATE blocks only; "
-                       "generate with the transformer baseline without the cache")
+                       f"generate with the {self.block} model without the cache")
+    if self.block == "tost":
+      if not self.causal or key_mask is not None:
+        raise ValueError("ToST blocks are causal language-model blocks (task lm): no "
+                         "bidirectional or padded (classifier) use")
+      common.update(attention_impl=None, return_weights=False)
+      return L.layer_stack(ToSTBlock, z, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                           eta=TOST_GPT_ETA, ln_eps=L.TORCH_LN_EPS, max_len=self.max_len,
+                           init="gpt", init_depth=self.depth, **common)
     return L.layer_stack(ViTBlock, z, heads=self.heads, dim_head=self.dim_head,
                          mlp_ratio=self.mlp_ratio, **common)
 
@@ -228,7 +246,8 @@ def lm_kwargs(size: str, *, block: str, causal: bool) -> dict:
   """Registry defaults of a size: GPT-like (causal) models get GPT-2's context and vocabulary,
   BERT-like ones BERT's; tiny ones the byte vocabulary and 128 positions (ours). CRATE-GPT
   follows the official model: no final LayerNorm, GPT-2's MSSA init."""
-  dim, depth, heads = (GPT_SIZES if causal else BERT_SIZES)[size]
+  dim, depth, heads = (TOST_GPT_SIZES if block == "tost" else
+                       GPT_SIZES if causal else BERT_SIZES)[size]
   official_gpt = block == "crate" and causal
   if size == "tiny":
     vocab, max_len = BYTE_VOCAB, 128

@@ -225,7 +225,7 @@ class CRATEMAE(nn.Module, kw_only=True):
   class_token: ClassVar[bool] = False  # its class token is never read: the decoder drops its row
   layer_output_key: ClassVar[str] = "codes"  # `encode`'s layer outputs are the ISTA codes
   # Its white-box quantities come from `encode` (the unmasked encoder).
-  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX,
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.CRATE_WHITEBOX,
                                                         classifier=False, torch_layout=True)
 
   @nn.nowrap
@@ -318,7 +318,7 @@ class CRATEMAEClassifier(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ("head", "fc_norm")
   layer_output_key: ClassVar[str] = "codes"  # each layer's output Z^{l+1} is its ISTA code
-  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.WHITEBOX)
+  contract: ClassVar[family.Contract] = family.Contract(whitebox=family.CRATE_WHITEBOX)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

@@ -7,6 +7,8 @@
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
   has_class_token(model)                    whether a class token's attention can be read
   init_params(model, key, example)          params at init (every rng stream seeded)
+  variables(params) / apply_train(...)      a params tree as Flax variables; a train-mode
+                                            forward that also returns the updated model state
   contract(model)                           what the family reads and which white-box
                                             quantities its intermediates carry (`Contract`)
   scan_layout(params, scanned)              params between unrolled (layer_i) and scanned stacks
@@ -28,8 +30,9 @@ EMBED_NAMES = frozenset({"patch_embed", "embedding", "cls_token", "cls", "pos_em
 
 # The white-box quantities a family's `return_intermediates=True` output may carry, stacked over
 # layers: normed LN(Z^l) (L, B, N, d), features U^T LN(Z^l) (L, B, N, K, p), attention
-# (L, B, K, N, N), codes (the ISTA outputs, L, B, N, d').
-WHITEBOX = frozenset({"normed", "features", "attention", "codes"})
+# (L, B, K, N, N), codes (the ISTA outputs, L, B, N, d'), memberships (ToST's Pi, L, B, N, K).
+WHITEBOX = frozenset({"normed", "features", "attention", "codes", "memberships"})
+CRATE_WHITEBOX = frozenset({"normed", "features", "attention", "codes"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +63,47 @@ def contract(model) -> Contract:
   return declared if isinstance(declared, Contract) else Contract()
 
 
+# A family's non-trainable state (ToST's batch-norm running statistics) lives in the one params
+# tree under this key, so that every command that saves, restores, shards, averages (EMA) or
+# exports weights carries it unchanged; `variables` splits it out for model.apply. It gets no
+# gradient (train mode normalises with the batch's statistics) and the train step overwrites
+# it after each update with the running statistics the forward pass returned (`apply_train`).
+STATE = "batch_stats"
+
+
+def variables(params) -> dict:
+  """A params tree as model.apply's variables: {"params": ..., STATE: ...} (the state only
+  where the tree holds one)."""
+  if hasattr(params, "items") and STATE in params:
+    return {"params": {k: v for k, v in params.items() if k != STATE}, STATE: params[STATE]}
+  return {"params": params}
+
+
+def params_of(variables_: dict) -> dict:
+  """Inverse of `variables`: model.init's variables as one params tree."""
+  params = variables_["params"]
+  return {**params, STATE: variables_[STATE]} if STATE in variables_ else params
+
+
+def with_state(params, state):
+  """params with its STATE subtree replaced by `state` (None: unchanged)."""
+  return params if state is None else {**params, STATE: state}
+
+
+def apply_train(model, params, *args, **kwargs):
+  """(output, updated STATE or None): model.apply(variables(params), *args, train=True, ...),
+  the running statistics updated where the family keeps state."""
+  if not (hasattr(params, "items") and STATE in params):
+    return model.apply(variables(params), *args, train=True, **kwargs), None
+  out, updated = model.apply(variables(params), *args, train=True, mutable=[STATE], **kwargs)
+  return out, updated[STATE]
+
+
 def init_params(model, key, example):
   """model.init's params for one example batch, every rng stream a family may draw at init
-  ("mask": CRATE-MAE's masking) seeded from `key`. Jittable, and fine under jax.eval_shape."""
-  return model.init({"params": key, "mask": key, "dropout": key}, example)["params"]
+  ("mask": CRATE-MAE's masking) seeded from `key`, with the family's STATE inside. Jittable,
+  and fine under jax.eval_shape."""
+  return params_of(model.init({"params": key, "mask": key, "dropout": key}, example))
 
 
 def head_params(model) -> tuple[str, ...]:

@@ -229,7 +229,8 @@ def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
 
 def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool | str = False,
                 scan: bool = False, collect: bool = False, drop_path_rate: float = 0.0,
-                key_mask: jax.Array | None = None, **layer_kwargs):
+                drop_path_schedule: str = "linear", key_mask: jax.Array | None = None,
+                **layer_kwargs):
   """Z^{l+1}, inter_l = f_l(Z^l) for l < depth,
   f_l = layer_cls(**layer_kwargs, name=name.format(i=l)).
 
@@ -238,14 +239,20 @@ def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool |
   else None. remat takes a policy (`remat_policy`). scan=True runs one nn.scan over the layers:
   one layer is compiled instead of `depth`, its parameters stacked on a leading layer axis under
   `scanned_name(name)` (convert checkpoints with models.scan_layout). With drop_path_rate > 0 a
-  layer l is called as f_l(Z, drop_rate_l) (stochastic depth, `drop_path_rates`). key_mask
+  layer l is called as f_l(Z, drop_rate_l) (stochastic depth, `drop_path_rates`; with
+  drop_path_schedule="constant" every layer gets drop_path_rate, as ToST's code). key_mask
   (B, N) bool, False at padding: every layer is called as f_l(Z, drop_rate_l, key_mask) and no
   token attends to a padding key.
   Returns (Z^depth, stacked intermediates or None).
   """
   on, policy = remat_policy(remat)
   cls = nn.remat(layer_cls, policy=policy, prevent_cse=not scan) if on else layer_cls
-  rates = drop_path_rates(drop_path_rate, depth) if drop_path_rate > 0 else None
+  if drop_path_schedule not in ("linear", "constant"):
+    raise ValueError(f"drop_path_schedule={drop_path_schedule!r} is not 'linear' or 'constant'")
+  rates = None
+  if drop_path_rate > 0:
+    rates = (drop_path_rates(drop_path_rate, depth) if drop_path_schedule == "linear"
+             else np.full((depth,), drop_path_rate, np.float32))
   # Call arguments after Z: drop_rate (per layer), then key_mask (the same for every layer);
   # none when neither is set, drop_rate=None when only key_mask is.
   tail = () if key_mask is None else (key_mask,)

@@ -20,7 +20,7 @@ NORM_EPS = 1e-12     # F.normalize's floor, and the causal running energy's clam
 MASS_EPS = 1e-8      # added to a group's total membership before dividing by it
 
 
-def tssa(w: jax.Array, temp: jax.Array) -> jax.Array:
+def tssa(w: jax.Array, temp: jax.Array, *, return_memberships: bool = False):
   """TSSA over all N tokens, per head k, token i, coordinate j:
 
     w~_{i,k,j} = w_{i,k,j} / max(||w_{:,k,j}||_2, 1e-12)      (normalised across the tokens)
@@ -29,7 +29,8 @@ def tssa(w: jax.Array, temp: jax.Array) -> jax.Array:
     out_{i,k,j} = -Pi_{i,k} w_{i,k,j} / (1 + s_{k,j})
 
   w (B, N, heads, d), temp (heads,) -> (B, N, heads, d), in w's dtype (the statistics at least
-  in float32). Cost O(N heads d); permuting the tokens permutes the output.
+  in float32). Cost O(N heads d); permuting the tokens permutes the output. With
+  return_memberships: (out, Pi (B, N, heads)).
   """
   x = w.astype(L.at_least_f32(w.dtype))
   norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
@@ -37,10 +38,12 @@ def tssa(w: jax.Array, temp: jax.Array) -> jax.Array:
   pi = jax.nn.softmax(jnp.sum(normed * normed, axis=-1) * temp.astype(x.dtype), axis=-1)
   mass = jnp.sum(pi, axis=1, keepdims=True)[..., None]                       # (B, 1, h, 1)
   second = jnp.sum(pi[..., None] * x * x, axis=1, keepdims=True) / (mass + MASS_EPS)
-  return (-pi[..., None] * x / (1.0 + second)).astype(w.dtype)
+  out = (-pi[..., None] * x / (1.0 + second)).astype(w.dtype)
+  return (out, pi) if return_memberships else out
 
 
-def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array) -> jax.Array:
+def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array, *,
+                return_memberships: bool = False):
   """Causal TSSA: token t sees the statistics of tokens <= t only (running sums):
 
     e_{t,k,j}  = sum_{u<=t} w_{u,k,j}^2                      (clamped below at 1e-12)
@@ -49,7 +52,8 @@ def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array) -> jax.Arr
     out_{t,k,j} = -Pi_{t,k} w_{t,k,j} / (1 + s_{t,k,j})
 
   with b = denom_bias, a learned per-head, per-position offset. w (B, T, heads, d), temp (heads,),
-  denom_bias (heads, max_len) with T <= max_len -> (B, T, heads, d).
+  denom_bias (heads, max_len) with T <= max_len -> (B, T, heads, d); with return_memberships:
+  (out, Pi (B, T, heads)).
   """
   t, max_len = w.shape[1], denom_bias.shape[1]
   if t > max_len:
@@ -63,4 +67,5 @@ def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array) -> jax.Arr
   pi = jax.nn.softmax(logits, axis=-1)                                       # (B, T, h)
   mass = jnp.cumsum(pi, axis=1)[..., None]
   second = jnp.cumsum(pi[..., None] * sq, axis=1) / (mass + MASS_EPS)
-  return (-pi[..., None] * x / (1.0 + second)).astype(w.dtype)
+  out = (-pi[..., None] * x / (1.0 + second)).astype(w.dtype)
+  return (out, pi) if return_memberships else out

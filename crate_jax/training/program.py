@@ -61,8 +61,8 @@ def build(config, model, mesh, *, total_steps: int, steps_per_epoch: int) -> Pro
   schedule = optim.learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
   layer_ids = None
   if config.optimizer.layer_decay < 1.0:
-    shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(0)},
-                            jnp.zeros((1, *input_shape)))["params"]
+    shapes = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            jnp.zeros((1, *input_shape)))
     layer_ids = models.layer_ids(model, shapes)
   tx = optim.make_optimizer(config.optimizer, schedule, layer_ids=layer_ids,
                             depth=getattr(model, "depth", None))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crate_jax.models import family
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -28,8 +30,7 @@ def create_train_state(model, tx, input_shape, seed: int, ema: bool = False) -> 
   """Initialise params (fp32), optimiser state and (with ema) the EMA = params. jit this with
   out_shardings."""
   init_rng, state_rng = jax.random.split(jax.random.key(seed))
-  params = model.init({"params": init_rng, "mask": init_rng},
-                      jnp.zeros((1, *input_shape), jnp.float32))["params"]
+  params = family.init_params(model, init_rng, jnp.zeros((1, *input_shape), jnp.float32))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(state_rng),
                     ema_params=jax.tree.map(jnp.copy, params) if ema else None)
@@ -45,7 +46,9 @@ def make_train_step(loss_fn: Callable, tx, *, grad_accum_steps: int = 1,
   """(state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
   With grad_accum_steps = k the batch is split into k micro-batches whose gradients are
   averaged (same update, less activation memory); with ema_decay > 0 the state's EMA of the
-  weights follows each update."""
+  weights follows each update. A family's model state (batch-norm statistics) comes back in
+  metrics[family.STATE] (`models.apply_train`) and replaces the params' after the update (with
+  micro-batches: their mean)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, batch):
@@ -67,8 +70,10 @@ def make_train_step(loss_fn: Callable, tx, *, grad_accum_steps: int = 1,
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros,
                                          (jnp.arange(grad_accum_steps), micro))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+    metrics = dict(metrics)
+    model_state = metrics.pop(family.STATE, None)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = family.with_state(optax.apply_updates(state.params, updates), model_state)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params))
     ema = state.ema_params

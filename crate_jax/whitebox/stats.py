@@ -35,7 +35,8 @@ def intermediates(model, params, images):
   (CRATE, CRATE-alpha, the CRATE-MAE classifier); other families have no `normed`. A model
   without logits (CRATE-MAE pre-training) is read through its `encode` method: logits None.
   """
-  variables = {"params": _unwrap(params)}
+  from crate_jax.models import family
+  variables = family.variables(_unwrap(params))
   if hasattr(model, "encode"):  # CRATE-MAE: the unmasked encoder
     _, out = model.apply(variables, images, return_intermediates=True, method="encode")
     return None, dict(out)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crate_jax.models import family as models
 from crate_jax.training.tasks import base
 
 
@@ -33,10 +34,10 @@ def model_input(batch):
 def classifier_loss(model, smoothing: float):
   """(params, batch, rng) -> (loss, {"loss", "top1"})."""
   def loss_fn(params, batch, rng):
-    logits = model.apply({"params": params}, model_input(batch), train=True,
-                         rngs={"dropout": rng})
+    logits, state = models.apply_train(model, params, model_input(batch), rngs={"dropout": rng})
     loss = cross_entropy(logits, batch["labels"], smoothing).mean()
-    return loss, {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean()}
+    metrics = {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean()}
+    return loss, metrics if state is None else dict(metrics, **{models.STATE: state})
   return loss_fn
 
 
@@ -49,7 +50,7 @@ def classifier_eval(model, metrics_cls=None):
   def eval_step(params, batch):
     mask = batch["valid"]
     cls = steps.eval_metrics_cls(Classification.eval_metrics, "real" in batch)
-    logits = model.apply({"params": params}, model_input(batch), train=False)
+    logits = model.apply(models.variables(params), model_input(batch), train=False)
     extra = {}
     if "real" in batch:
       real = batch["real"]

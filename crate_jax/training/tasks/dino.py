@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from crate_jax.models import dino_head
+from crate_jax.models import dino_head, family
 from crate_jax.training import dino
 from crate_jax.training.tasks import base
 
@@ -42,8 +42,7 @@ def create_state(model, head, tx, image_shape, seed: int):
   """Student = backbone init (the same key as every task) + head; teacher = a copy; centre 0."""
   from crate_jax.training import steps
   init_rng, state_rng = jax.random.split(jax.random.key(seed))
-  params = dict(model.init({"params": init_rng, "mask": init_rng},
-                           jnp.zeros((1, *image_shape), jnp.float32))["params"])
+  params = dict(family.init_params(model, init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
   params[HEAD] = head.init(jax.random.fold_in(init_rng, 1),
                            jnp.zeros((1, feature_dim(model, image_shape))))["params"]
   return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -52,15 +51,19 @@ def create_state(model, head, tx, image_shape, seed: int):
                                       "centre": jnp.zeros((1, head.out_dim), jnp.float32)})
 
 
-def embed(model, head, params, views, *, train: bool, rng):
-  """(B, V, H, W, 3) views -> head logits (V, B, K): the V views go through as one batch."""
+def embed(model, head, params, views, *, train: bool, rng, with_state: bool = False):
+  """(B, V, H, W, 3) views -> head logits (V, B, K): the V views go through as one batch. With
+  with_state (train only): (logits, the backbone's updated model state or None)."""
   b, v = views.shape[:2]
   flat = jnp.swapaxes(views, 0, 1).reshape(v * b, *views.shape[2:])
   backbone = {k: x for k, x in params.items() if k != HEAD}
-  _, out = model.apply({"params": backbone}, flat, train=train, return_intermediates=True,
-                       rngs={"dropout": rng})
-  logits = head.apply({"params": params[HEAD]}, out["pre_logits"])
-  return logits.reshape(v, b, -1)
+  kwargs = dict(return_intermediates=True, rngs={"dropout": rng})
+  if train:
+    (_, out), state = family.apply_train(model, backbone, flat, **kwargs)
+  else:
+    (_, out), state = model.apply(family.variables(backbone), flat, train=False, **kwargs), None
+  logits = head.apply({"params": params[HEAD]}, out["pre_logits"]).reshape(v, b, -1)
+  return (logits, state) if with_state else logits
 
 
 def _freeze_prototypes(tree, frozen):
@@ -86,20 +89,22 @@ def make_train_step(model, head, tx, config, total_steps: int, steps_per_epoch: 
         embed(model, head, teacher_params, batch["global"], train=False, rng=rng))
 
     def loss_fn(params):
-      student = embed(model, head, params, batch["global"], train=True, rng=rng)
+      # A backbone with batch norm keeps the running statistics of the global views' pass.
+      student, model_state = embed(model, head, params, batch["global"], train=True, rng=rng,
+                                   with_state=True)
       if batch["local"].shape[1] > 0:
         local = embed(model, head, params, batch["local"], train=True,
                       rng=jax.random.fold_in(rng, 1))
         student = jnp.concatenate([student, local], axis=0)
       return dino.dino_loss(student, teacher, centre, student_temp=float(d.student_temp),
-                            teacher_temp=temp)
+                            teacher_temp=temp), model_state
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     frozen = state.step < freeze_steps  # DINO: the prototypes stay fixed for the first epoch
     grads = _freeze_prototypes(grads, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = _freeze_prototypes(updates, frozen)
-    params = optax.apply_updates(state.params, updates)
+    params = family.with_state(optax.apply_updates(state.params, updates), model_state)
     momentum = dino.momentum_schedule(state.step, total_steps, float(config.ema_decay),
                                       float(d.momentum_final))
     teacher_params = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
@@ -139,8 +144,10 @@ class DINO(base.Task):
     patch = int(config.model.kwargs.get("patch_size", 1))
     need(int(m.local_size) % patch == 0, "data.multicrop.local_size",
          f"is not divisible by config.model.kwargs.patch_size={patch}")
+    from crate_jax import models
     need(int(m.num_local) == 0 or int(m.local_size) == int(config.data.image_size)
-         or config.model.kwargs.get("interpolate_pos", False), "model.kwargs.interpolate_pos",
+         or getattr(models.from_config(config), "interpolate_pos", False),
+         "model.kwargs.interpolate_pos",
          "must be True for local crops smaller than the global ones")
     need(config.grad_accum_steps == 1, "grad_accum_steps", "task 'dino' takes 1")
 
