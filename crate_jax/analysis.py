@@ -108,7 +108,7 @@ def build_model(config, image_size: int):
   model = models.from_config(cfg)
   if not all(hasattr(model, a) for a in ("patch_size", "depth", "heads")):
     raise AnalyzeError(f"model {config.model.name!r} is not a CRATE classifier")
-  if image_size % model.patch_size:
+  if not hasattr(model, "token_grid") and image_size % model.patch_size:
     raise AnalyzeError(f"--image-size {image_size} is not a multiple of the patch size "
                        f"{model.patch_size}")
   return model

@@ -5,7 +5,8 @@ attention maps and a PCA of the patch features of one layer.
       --out analysis [--images FOLDER | --split test] [--num-images 8] [--layer -1] \
       [--image-size 56]
 
-Writes into --out: layerwise.{png,json,csv}, attention_layerLL.png, pca_layerLL.png. Everything
+Writes into --out: layerwise.{png,json,csv}, attention_layerLL.png (ToST: memberships_layerLL.png,
+each head's membership map Pi[:, k]), pca_layerLL.png. Everything
 runs in float32. With --image-size other than the training size, the model is rebuilt for that
 size and the checkpoint's positional embedding is resized (bicubic, CLS row kept). A language
 model (CRATE-GPT, CRATE-BERT) gets the layer-wise statistics of the first --num-images sequences
@@ -74,10 +75,14 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   params, meta, weights = checkpoint_params(config, model, abstract, checkpoint)
   logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
   stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
-  grid = (size // model.patch_size,) * 2
-  maps = whitebox.upsample_maps(whitebox.cls_attention_maps(out["attention"][layer], grid),
-                                (size, size))
-  vis = whitebox.pca_visualisation(out["features"][layer], grid)
+  grid = models.token_grid(model, size, size)
+  prefix = models.prefix_tokens(model)
+  if "attention" in out:
+    maps, kind = whitebox.cls_attention_maps(out["attention"][layer], grid), "attention"
+  else:   # ToST: each head's memberships Pi[:, k]
+    maps, kind = whitebox.membership_maps(out["memberships"][layer], grid, prefix), "memberships"
+  maps = whitebox.upsample_maps(maps, (size, size))
+  vis = whitebox.pca_visualisation(out["features"][layer], grid, prefix=prefix)
   vis = {k: np.asarray(jax.image.resize(v.astype(jnp.float32), (v.shape[0], size, size,
                                                                  *v.shape[3:]), "nearest"))
          for k, v in vis.items()}
@@ -87,9 +92,9 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
            f"{len(shown)} images at {size}px")
   paths = {
       "curves": figures.curves_figure(stats, os.path.join(out_dir, "layerwise.png"), title=title),
-      "attention": figures.attention_figure(
-          shown, np.asarray(maps), os.path.join(out_dir, f"attention_layer{layer:02d}.png"),
-          layer=layer, names=names),
+      kind: figures.attention_figure(
+          shown, np.asarray(maps), os.path.join(out_dir, f"{kind}_layer{layer:02d}.png"),
+          layer=layer, names=names, what=kind),
       "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
                                 layer=layer, names=names),
   }

@@ -121,6 +121,9 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
   fn = jax.jit(lambda p, x, g: segscore.segmentation_ious(model, p, x, g, **kw))
   trained = per_image_ious(fn, params, images, gt)
   at_init = per_image_ious(fn, random, images, gt)
+  for ious in (trained, at_init):   # the best membership head over all the images, not a chunk
+    if "memberships_heads" in ious:
+      ious["memberships"] = np.asarray(segscore.best_head(ious["memberships_heads"]))
   base = segscore.baselines(gt)
 
   rows, layers = [], []
@@ -132,13 +135,14 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
     layers.append(entry)
   for variant, ious in (("trained", trained), ("random_init", at_init)):
     for m in methods:
-      rows += [{"model": variant, "method": m, "layer": l, "head": "merged" if m == "attention"
-                else "", "iou": float(ious[m][l].mean())} for l in range(model.depth)]
-    if "attention_heads" in ious:
-      heads = ious["attention_heads"].mean(axis=1)  # (L, K)
-      rows += [{"model": variant, "method": "attention", "layer": l, "head": k,
-                "iou": float(heads[l, k])} for l in range(model.depth)
-               for k in range(heads.shape[1])]
+      label = {"attention": "merged", "memberships": "best"}.get(m, "")
+      rows += [{"model": variant, "method": m, "layer": l, "head": label,
+                "iou": float(ious[m][l].mean())} for l in range(model.depth)]
+      if f"{m}_heads" in ious:
+        heads = ious[f"{m}_heads"].mean(axis=1)  # (L, K)
+        rows += [{"model": variant, "method": m, "layer": l, "head": k,
+                  "iou": float(heads[l, k])} for l in range(model.depth)
+                 for k in range(heads.shape[1])]
   rows += [{"model": "baseline", "method": name, "layer": "", "head": "", "iou": v}
            for name, v in base.items()]
 
@@ -154,7 +158,9 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
       {m: [e[m] for e in layers] for m in methods}, base,
       os.path.join(out_dir, "segmentation.png"), title=title,
       random_ious={m: [e[f"{m}_random_init"] for e in layers] for m in methods})
-  paths["overlay"] = overlay(model, params, config, images, gt, layer, methods, kw,
+  kw_overlay = dict(kw, best_head=(int(np.argmax(trained["memberships_heads"][layer].mean(0)))
+                                   if "memberships_heads" in trained else 0))
+  paths["overlay"] = overlay(model, params, config, images, gt, layer, methods, kw_overlay,
                              os.path.join(out_dir, f"segmentation_overlay_layer{layer:02d}.png"))
   report = {
       "model": config.model.name, "checkpoint": str(checkpoint), "step": meta.get("step"),
@@ -162,9 +168,9 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
       "image_size": size, "foreground_fraction": float(gt.mean()), "methods": list(methods),
       "share": share, "tau": tau, "num_objects": num_objects, "upsampling": upsampling,
       "random_init_seed": seed, "baselines": base, "layers": layers,
-      "heads": ({"trained": trained["attention_heads"].mean(axis=1).tolist(),
-                 "random_init": at_init["attention_heads"].mean(axis=1).tolist()}
-                if "attention_heads" in trained else None),
+      "heads": {m: {"trained": trained[f"{m}_heads"].mean(axis=1).tolist(),
+                    "random_init": at_init[f"{m}_heads"].mean(axis=1).tolist()}
+                for m in methods if f"{m}_heads" in trained} or None,
       "definitions": DEFINITIONS}
   paths["json"] = os.path.join(out_dir, "segmentation.json")
   with open(paths["json"], "w") as f:
@@ -177,11 +183,15 @@ DEFINITIONS = {
            "then the mean over images",
     "attention": "smallest patch set holding `share` of the class token's attention (mean over "
                  "heads; per head in `heads`)",
+    "memberships": "ToST: per head k, the smallest patch set holding `share` of its membership "
+                   "map Pi[:, k]; the layer's figure is its best head (highest mean IoU over the "
+                   "images scored: chosen against the truth); every head in `heads`",
     "pca": "first principal component of the patch features above the midpoint of its range, "
            "minority side",
     "maskcut": "normalized cut of the cosine affinity graph (W = 1 if cos >= tau else 1e-5), "
                "union of num_objects cuts",
-    "features": "U^T LN(Z^l) over all heads (CRATE families), else the layer output",
+    "features": "U^T LN(Z^l) over all heads (CRATE families; ToST's TSSA w), else the layer "
+                "output",
     "centred_box": "the centred box covering the mean ground-truth area",
     "all_foreground": "every pixel foreground",
 }
@@ -199,6 +209,8 @@ def overlay(model, params, config, images, gt, layer, methods, kw, path) -> str:
     out = {k: v[layer:layer + 1] for k, v in out.items() if getattr(v, "ndim", 0) >= 4}
     found = segscore.layer_masks(model, out, grid, methods=methods, share=kw["share"],
                                  tau=kw["tau"], num_objects=kw["num_objects"])
+    if "memberships" in methods:   # the best head's mask (chosen on all the scored images)
+      found["memberships"] = found["memberships_heads"][:, :, kw["best_head"]]
     return {m: segment.upsample_mask(found[m][0], g.shape[-2:], kw["upsampling"])
             for m in methods}
   found = jax.device_get(masks(params, x))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from crate_jax import config_lib
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-WHITEBOX_NEEDS = frozenset({"features", "codes"})   # the layer-wise rates and sparsity
+WHITEBOX_NEEDS = frozenset({"features"})   # the layer-wise rates (and sparsity where codes are)
 
 
 class UnsupportedError(ValueError):
@@ -44,12 +44,12 @@ def check(config, command: str, *, target: str | None = None, pool: str | None =
     if not WHITEBOX_NEEDS <= c.whitebox:
       refuse(config, "the white-box hook (config.whitebox_every_steps)",
              f"{type(model).__name__} carries no {sorted(WHITEBOX_NEEDS - c.whitebox)} "
-             "(the CRATE families do); set whitebox_every_steps=0")
+             "(the CRATE and ToST families do); set whitebox_every_steps=0")
   elif command in ("knn", "linear"):
     _check_probe(config, command, task, model, pool)
   elif command == "analyze" and not WHITEBOX_NEEDS <= c.whitebox:
     refuse(config, command, f"{type(model).__name__} carries no white-box quantities "
-            f"{sorted(WHITEBOX_NEEDS - c.whitebox)} (the CRATE families do)")
+            f"{sorted(WHITEBOX_NEEDS - c.whitebox)} (the CRATE and ToST families do)")
   elif command == "segment":
     _check_segment(config, model, c)
   elif command == "export":
@@ -74,9 +74,9 @@ def _check_segment(config, model, c):
   from crate_jax.data import datasets
   if c.inputs != "images":
     refuse(config, "analyze --segment", "segmentation needs images")
-  if not ({"attention", "features"} & c.whitebox):
+  if not ({"attention", "features", "memberships"} & c.whitebox):
     refuse(config, "analyze --segment", f"{type(model).__name__} returns neither attention "
-            "maps nor features")
+            "maps, memberships nor features")
   datasets.check_masks(config.data)
 
 

@@ -17,6 +17,7 @@ from crate_jax.models.tost import TOST_SIZES, ToST, tost_kwargs
 from crate_jax.models.family import (Contract, adapt_params, contract, forward_flops,
                                      has_class_token, head_params, init_params,
                                      layer_ids, apply_train, variables, with_state,
+                                     prefix_tokens, token_grid,
                                      layer_outputs, scan_layout)
 
 # The official CRATE variants (224 px, patch 16); eta = lambda = 0.1 as in the released code.
@@ -61,7 +62,7 @@ for _size in BERT_SIZES:
   register(f"bert_{_size}", TextModel, **lm_kwargs(_size, block="transformer", causal=False))
 
 __all__ = ["Contract", "contract", "causal_tssa", "tssa", "apply_train", "variables",
-           "with_state",
+           "with_state", "prefix_tokens", "token_grid",
            "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
            "adapt_params", "forward_flops",
            "from_config", "get", "has_class_token", "head_params", "init_params", "ista",

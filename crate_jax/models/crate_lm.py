@@ -138,7 +138,7 @@ class TextModel(nn.Module, kw_only=True):
     whitebox = {"crate": family.CRATE_WHITEBOX, "tost": TOST_WHITEBOX}.get(
         self.block, frozenset({"attention"}))
     return family.Contract(inputs="tokens", causal=self.causal and self.num_classes == 0,
-                           whitebox=whitebox)
+                           whitebox=whitebox, torch_layout=self.block == "tost")
 
   @property
   def layer_output_key(self) -> str:

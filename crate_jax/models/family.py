@@ -6,6 +6,7 @@
   layer_outputs(model, out)                 (L, B, N, d) each layer's output, from intermediates
   layer_ids(model, params)                  per leaf: 0 embeddings, i + 1 layer i, depth + 1 head
   has_class_token(model)                    whether a class token's attention can be read
+  prefix_tokens(model), token_grid(model, h, w)   the layers' tokens: class tokens, patch grid
   init_params(model, key, example)          params at init (every rng stream seeded)
   variables(params) / apply_train(...)      a params tree as Flax variables; a train-mode
                                             forward that also returns the updated model state
@@ -175,6 +176,22 @@ def has_class_token(model) -> bool:
   """The model's `class_token` ClassVar: True when token 0 is a class token its objective reads
   (so its attention row is a read-out); True for modules that do not say."""
   return bool(getattr(model, "class_token", True))
+
+
+def prefix_tokens(model) -> int:
+  """How many tokens precede the patch grid in the layers' intermediates: the model's
+  `prefix_tokens` ClassVar; 1 (a class token at index 0) for modules that do not say (ToST: 0,
+  its class token joins after the TSSA blocks)."""
+  return int(getattr(model, "prefix_tokens", 1))
+
+
+def token_grid(model, height: int, width: int) -> tuple[int, int]:
+  """The patch grid of (height, width) images: model.token_grid where the family has its own
+  (ToST's strided stem), else (height // patch_size, width // patch_size)."""
+  own = getattr(model, "token_grid", None)
+  if own is not None:
+    return tuple(own(height, width))
+  return height // model.patch_size, width // model.patch_size
 
 
 def layer_ids(model, params):

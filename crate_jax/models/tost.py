@@ -304,6 +304,7 @@ class ToST(nn.Module, kw_only=True):
   drop_path_rate: float = 0.0     # the same rate in every TSSA block (the official schedule)
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
+  prefix_tokens: ClassVar[int] = 0         # the TSSA blocks see the patches only
   interpolate_pos: ClassVar[bool] = True   # Fourier positions: every grid (DINO's local crops)
   contract: ClassVar[family.Contract] = family.Contract(
       whitebox=frozenset({"normed", "features", "memberships"}), torch_layout=True)
@@ -345,6 +346,11 @@ class ToST(nn.Module, kw_only=True):
     if not return_intermediates:
       return logits
     return logits, dict(out, class_attention=jnp.stack(maps), tokens=x, pre_logits=pre_logits)
+
+  @nn.nowrap
+  def token_grid(self, height: int, width: int) -> tuple[int, int]:
+    """The stem's grid for (height, width) images (`stem_grid`)."""
+    return stem_grid(height, self.patch_size), stem_grid(width, self.patch_size)
 
   @nn.nowrap
   def forward_flops(self) -> float:

@@ -43,8 +43,9 @@ def _image_panel(ax, image, title=None):
 
 
 def attention_figure(images: np.ndarray, maps: np.ndarray, path: str, *, layer: int,
-                     names=None, alpha: float = 0.6) -> str:
-  """Rows = images; columns = input, then head k's CLS attention (min-max per map) over it.
+                     names=None, alpha: float = 0.6, what: str = "attention") -> str:
+  """Rows = images; columns = input, then head k's CLS attention (ToST: its memberships,
+  what="memberships"; min-max per map) over it.
 
   images (B, H, W, 3) in [0, 1]; maps (B, K, H, W) already upsampled to the image size.
   """
@@ -57,7 +58,8 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, path: str, *, layer: 
     _image_panel(axes[i, 0], images[i], names[i] if names else f"image {i}")
     for h in range(k):
       ax = axes[i, h + 1]
-      _image_panel(ax, images[i], f"layer {layer} head {h}" if i == 0 else None)
+      _image_panel(ax, images[i], f"layer {layer} head {h}"
+                   + ("" if what == "attention" else f" ({what})") if i == 0 else None)
       ax.imshow(maps[i, h], cmap="inferno", alpha=alpha, vmin=0.0, vmax=1.0,
                 interpolation="nearest")
   fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.12 / b, wspace=0.04,
@@ -109,15 +111,18 @@ def curves_figure(stats: dict, path: str, *, title: str = "") -> str:
   if "coding_rate" in stats:
     _band(ax, x, stats, "coding_rate", r"$R$", "C1")
     _band(ax, x, stats, "rate_reduction", r"$\Delta R = R - R^c$", "C2")
-    _band(ax, x, stats, "objective", r"$R^c + \lambda\|Z\|_0/N - R$", "C3")
+    if "objective" in stats:
+      _band(ax, x, stats, "objective", r"$R^c + \lambda\|Z\|_0/N - R$", "C3")
     ax.legend(fontsize=7)
   ax.set_title("rates and objective", fontsize=10)
   ax = axes[0, 2]
-  _band(ax, x, stats, "sparsity", "zero fraction", "C4")
-  _band(ax, x, stats, "density", r"density $\|Z^{\ell+1}\|_0/(Nd)$", "C5")
-  ax.set_ylim(-0.02, 1.02)
-  ax.legend(fontsize=7)
-  ax.set_title("sparsity of ISTA codes", fontsize=10)
+  if "sparsity" in stats:   # families with ISTA codes
+    _band(ax, x, stats, "sparsity", "zero fraction", "C4")
+    _band(ax, x, stats, "density", r"density $\|Z^{\ell+1}\|_0/(Nd)$", "C5")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+  ax.set_title("sparsity of ISTA codes" if "sparsity" in stats else "(no ISTA codes)",
+               fontsize=10)
   for ax in axes[0]:
     _layer_axis(ax, x)
   if title:

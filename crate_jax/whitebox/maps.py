@@ -16,6 +16,13 @@ def cls_attention_maps(attention: jax.Array, grid: tuple[int, int]) -> jax.Array
   return attention[:, :, 0, 1:].reshape(b, k, *grid)
 
 
+def membership_maps(memberships: jax.Array, grid: tuple[int, int], prefix: int = 0) -> jax.Array:
+  """ToST's memberships Pi (B, N, K) over the patch grid: (B, K, gh, gw), head k's map Pi[:, k]
+  (the share of each token assigned to group k)."""
+  b, _, k = memberships.shape
+  return jnp.moveaxis(memberships[:, prefix:], -1, 1).reshape(b, k, *grid)
+
+
 def upsample_maps(maps: jax.Array, size: tuple[int, int], method: str = "nearest") -> jax.Array:
   """(..., gh, gw) -> (..., H, W); "nearest" keeps one value per patch (the DINO convention)."""
   return jax.image.resize(maps.astype(jnp.float32), (*maps.shape[:-2], *size), method=method)
@@ -57,10 +64,12 @@ def _border(grid: tuple[int, int]) -> np.ndarray:
   return border
 
 
-def pca_visualisation(features: jax.Array, grid: tuple[int, int], threshold: float = 0.5):
+def pca_visualisation(features: jax.Array, grid: tuple[int, int], threshold: float = 0.5,
+                      prefix: int = 1):
   """PCA of the patch features U^T LN(Z^l) of one layer, fitted jointly over the images.
 
-  features (B, N, K, p) with the CLS token first (dropped here). Returns, each over the grid:
+  features (B, N, K, p) with `prefix` class tokens first (dropped here; ToST's layers have
+  none). Returns, each over the grid:
     first   (B, gh, gw)     first component, min-max normalised per image, oriented so that the
                             image border (taken as background) has the lower mean
     fg      (B, gh, gw)     foreground mask: first > threshold
@@ -69,7 +78,7 @@ def pca_visualisation(features: jax.Array, grid: tuple[int, int], threshold: flo
                             normalised over each image's foreground; background 0 (black)
   """
   b = features.shape[0]
-  x = features[:, 1:].reshape(b, *grid, -1)
+  x = features[:, prefix:].reshape(b, *grid, -1)
   comps = pca(x, 3)                                      # (B, gh, gw, 3)
   first = minmax(comps[..., 0], axes=(1, 2))
   if min(grid) > 2:  # one orientation for all images: the component is fitted jointly

@@ -8,7 +8,9 @@ against a ground-truth foreground, per layer, head and method, with trivial base
                                                            # {"whitebox/seg_iou/layer_00": x}
 
 Features: U^T LN(Z^l) concatenated over heads where the family has them (CRATE, CRATE-alpha,
-CRATE-MAE), else each layer's output (ViT). The attention method reads the class token's row.
+CRATE-MAE; ToST's TSSA features), else each layer's output (ViT). The attention method reads the
+class token's row; the memberships method (ToST) each head's membership map Pi[:, k], every head
+a candidate mask, the layer's score that of its best head over the images scored.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from crate_jax.models import family
 from crate_jax.whitebox import segment, stats
 
-METHODS = ("attention", "pca", "maskcut")
+METHODS = ("attention", "memberships", "pca", "maskcut")
 
 
 class SegmentationError(ValueError):
@@ -32,10 +34,15 @@ def check_methods(model, methods) -> tuple[str, ...]:
   unknown = [m for m in methods if m not in METHODS]
   if unknown or not methods:
     raise SegmentationError(f"segmentation method(s) {unknown or methods} not among {METHODS}")
-  if "attention" in methods and not family.has_class_token(model):
+  offered = family.contract(model).whitebox
+  if "attention" in methods and not (family.has_class_token(model) and "attention" in offered):
     raise SegmentationError(
         f"the attention method reads the class token's attention, and {type(model).__name__} has "
-        "no class token that its objective reads; use the methods pca,maskcut")
+        "no class token attending in its layers; use the methods "
+        f"{','.join(default_methods(model))}")
+  if "memberships" in methods and "memberships" not in offered:
+    raise SegmentationError(f"the memberships method reads TSSA's memberships (ToST), which "
+                            f"{type(model).__name__} has not")
   return methods
 
 
@@ -50,19 +57,25 @@ def patch_features(model, out) -> jax.Array:
     x = x.reshape(*x.shape[:3], -1)
   else:
     x = family.layer_outputs(model, out)
-  return x[:, :, 1:]
+  return x[:, :, family.prefix_tokens(model):]
 
 
 def patch_grid(model, images) -> tuple[int, int]:
   """(gh, gw): the patch grid of (B, H, W, C) images."""
-  return images.shape[1] // model.patch_size, images.shape[2] // model.patch_size
+  return family.token_grid(model, images.shape[1], images.shape[2])
 
 
 def layer_masks(model, out, grid, *, methods=METHODS, share: float = 0.6, tau: float = 0.2,
                 num_objects: int = 1) -> dict[str, jax.Array]:
   """{method: bool (L, B, gh, gw)} for every layer and image; "attention" adds
-  "attention_heads" (L, B, K, gh, gw); maskcut's mask is the union of its objects. Jittable."""
+  "attention_heads" (L, B, K, gh, gw); "memberships" gives "memberships_heads" (L, B, K, gh, gw)
+  only (its layer mask is a head chosen against the truth: `mask_ious`); maskcut's mask is the
+  union of its objects. Jittable."""
   masks = {}
+  if "memberships" in methods:
+    pi = out["memberships"][:, :, family.prefix_tokens(model):]          # (L, B, n, K)
+    masks["memberships_heads"] = jax.vmap(jax.vmap(
+        lambda p: segment.attention_mass_mask(p.T, share).reshape(-1, *grid)))(pi)
   if "attention" in methods:
     heads, merged = jax.vmap(jax.vmap(lambda a: segment.attention_masks(a, grid, share)))(
         out["attention"])
@@ -83,9 +96,18 @@ def mask_ious(masks: dict, gt: jax.Array, upsampling: str = "nearest") -> dict[s
   out = {}
   for name, m in masks.items():
     pred = segment.upsample_mask(m, size, upsampling)
-    target = gt[:, None] if name == "attention_heads" else gt
+    target = gt[:, None] if name.endswith("_heads") else gt
     out[name] = segment.jaccard(pred, target)
+  if "memberships_heads" in out:
+    out["memberships"] = best_head(out["memberships_heads"])
   return out
+
+
+def best_head(head_ious: jax.Array) -> jax.Array:
+  """(L, B, K) per-head IoUs -> (L, B): each layer's head with the best mean IoU over the B
+  images (a head chosen against the truth, as a best-head figure is)."""
+  best = jnp.argmax(jnp.mean(head_ious, axis=1), axis=-1)                # (L,)
+  return jnp.take_along_axis(head_ious, best[:, None, None], axis=-1)[..., 0]
 
 
 def baselines(gt: np.ndarray) -> dict[str, float]:
@@ -110,7 +132,12 @@ def segmentation_ious(model, params, images, gt, *, methods=METHODS, share: floa
 
 
 def default_methods(model) -> tuple[str, ...]:
-  return METHODS if family.has_class_token(model) else ("pca", "maskcut")
+  """attention where a class token attends in the layers, memberships where the family has
+  them (ToST), then pca and maskcut."""
+  offered = family.contract(model).whitebox
+  first = (("attention",) if family.has_class_token(model) and "attention" in offered else ()) + (
+      ("memberships",) if "memberships" in offered else ())
+  return (*first, "pca", "maskcut")
 
 
 def segmentation_inputs(model, out, methods) -> dict[str, jax.Array]:
@@ -119,6 +146,8 @@ def segmentation_inputs(model, out, methods) -> dict[str, jax.Array]:
   inputs = {}
   if "attention" in methods:
     inputs["attention"] = out["attention"][..., :1, :]
+  if "memberships" in methods:
+    inputs["memberships"] = out["memberships"]
   if "pca" in methods or "maskcut" in methods:
     inputs["patch_features"] = patch_features(model, out)
   return inputs

@@ -53,17 +53,21 @@ def _mean_std(per_image: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def per_image_stats(out, *, eps: float = rates.OFFICIAL_EPS_SQ, lambd: float = 0.1):
-  """Per-layer, per-image quantities (each (L, B)); see the module docstring for the formulas."""
-  codes = out["codes"]
+  """Per-layer, per-image quantities (each (L, B)); see the module docstring for the formulas.
+  A family without ISTA codes (ToST: its features are TSSA's w = U^T LN(Z^l) + b) gets the
+  rates only."""
   rc = rates.compression_rate_measured(out["features"], eps)
-  per_image = {"coding_rate_c": rc,
-               "sparsity": sparsity.zero_fraction(codes),
-               "density": sparsity.density(codes),
-               "l1_over_l0": sparsity.l1_over_l0(codes)}
+  per_image = {"coding_rate_c": rc}
+  codes = out.get("codes")
+  if codes is not None:
+    per_image.update(sparsity=sparsity.zero_fraction(codes), density=sparsity.density(codes),
+                     l1_over_l0=sparsity.l1_over_l0(codes))
   if "normed" in out:
     r = rates.coding_rate_measured(out["normed"], eps)
-    l0 = rates.l0_per_token(codes)
-    per_image.update(coding_rate=r, rate_reduction=r - rc, l0=l0, objective=rc + lambd * l0 - r)
+    per_image.update(coding_rate=r, rate_reduction=r - rc)
+    if codes is not None:
+      l0 = rates.l0_per_token(codes)
+      per_image.update(l0=l0, objective=rc + lambd * l0 - r)
   return per_image
 
 

@@ -98,6 +98,9 @@ def layer_subspace_stats(params) -> dict[str, np.ndarray]:
   rows = []
   for layer in _layers(params):
     U = _find(layer, "U")
+    if U is None:  # ToST's TSSA projection: qkv/kernel (d, heads, p)
+      qkv = _find_tree(layer, "qkv")
+      U = None if qkv is None else qkv.get("kernel")
     if U is None:  # CRATE-alpha names it proj/kernel
       proj = _find_tree(layer, "proj")
       U = None if proj is None else proj.get("kernel")
