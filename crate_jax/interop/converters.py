@@ -1,6 +1,9 @@
 """Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
-CRATE-alpha PyTorch port, official PyTorch CRATE-MAE (`crate_ae`) (all by --variant's family) and
-CRATE-alpha big_vision `.npz` files.
+CRATE-alpha PyTorch port, official PyTorch CRATE-MAE (`crate_ae`), official PyTorch ToST (vision
+`tost_cab_*`, with the stem's batch-norm statistics; language `tost_gpt_*`) (all by --variant's
+family) and CRATE-alpha big_vision `.npz` files.
+
+ToST has no ISTA step: eta / lambda do not apply (its LayerScale vectors are in the file).
 
 eta and lambda are not stored in PyTorch checkpoints: they are arguments (lambda defaults to the
 family's: 0.1 for CRATE and CRATE-alpha, 0.5 for CRATE-MAE), recorded in the meta.
@@ -10,6 +13,7 @@ output is never overwritten.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import jax
@@ -17,14 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
-from crate_jax.interop import alpha_keys, mae_keys, torch_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys, tost_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 
 def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
-  """num_classes and image_size as stored in the file (head rows, pos-emb rows)."""
+  """num_classes and image_size as stored in the file (head rows, pos-emb rows); a ToST image
+  model: num_classes (head rows; its positions fit any size); a ToST language model: vocab_size
+  and max_len (wte and wpe rows)."""
   sd = torch_keys.unwrap_state_dict(state_dict)
   kwargs = {}
+  tost = _tost_kind(variant)
+  if tost is not None:
+    sd = tost_keys.unwrap_state_dict(state_dict)
+    rows = {"vision": {"head.weight": "num_classes"},
+            "lm": {"transformer.wte.weight": "vocab_size", "transformer.wpe.weight": "max_len"}}
+    for key, name in rows[tost].items():
+      if key in sd and len(np.shape(sd[key])) == 2:
+        kwargs[name] = int(np.shape(sd[key])[0])
+    return kwargs
   if "mlp_head.1.weight" in sd:
     kwargs["num_classes"] = int(np.shape(sd["mlp_head.1.weight"])[0])
   pos = next((k for k in ("pos_embedding", "decoder_pos_embed") if k in sd), None)
@@ -40,7 +55,12 @@ def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
 def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1,
                        lambd: float | None = None, **model_kwargs):
   """(params, model kwargs) for an official state dict of `variant`'s family, validated against
-  it. lambd=None: the family's default (recorded in the kwargs)."""
+  it. lambd=None: the family's default (recorded in the kwargs). ToST variants take neither eta
+  nor lambd (no ISTA step; lambd given is refused)."""
+  if _tost_kind(variant) is not None:
+    if lambd is not None:
+      raise ValueError(f"--variant {variant}: ToST has no ISTA step, --lambd does not apply")
+    return convert_tost(state_dict, variant, **model_kwargs)
   kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs, "eta": eta}
   if lambd is not None:
     kwargs["lambd"] = lambd
@@ -57,6 +77,27 @@ def convert_state_dict(state_dict, variant: str, *, eta: float = 0.1,
     raise ValueError(f"--variant {variant}: no PyTorch layout is known for "
                      f"{type(model).__name__} (CRATE, CRATE-alpha and CRATE-MAE are)")
   return torch_keys.torch_to_flax(state_dict, expected["params"], **arch), kwargs
+
+
+def _tost_kind(variant: str) -> str | None:
+  """"vision" / "lm" for a ToST variant (by its registered class), else None."""
+  model = models.get(variant)
+  if not tost_keys.is_tost(model):
+    return None
+  return "vision" if isinstance(model, models.ToST) else "lm"
+
+
+def convert_tost(state_dict, variant: str, **model_kwargs):
+  """(params with the batch-norm statistics, model kwargs) for an official ToST state dict."""
+  kwargs = {**infer_kwargs(state_dict, variant), **model_kwargs}
+  model = models.get(variant, **kwargs)
+  if isinstance(model, models.ToST):
+    example = jnp.zeros((1, model.image_size, model.image_size, model.channels))
+  else:
+    example = jnp.zeros((1, model.max_len), jnp.int32)
+  expected = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                            example)
+  return tost_keys.torch_to_flax(state_dict, expected, model), kwargs
 
 
 def convert_npz(arrays, variant: str, **model_kwargs):

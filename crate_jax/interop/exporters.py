@@ -1,4 +1,4 @@
-"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE classes, the
+"""Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE / ToST classes, the
 CRATE-alpha port or timm's VisionTransformer for ViT, strict=True) or a serialized StableHLO
 forward pass (jax.export, symbolic batch dimension). CRATE-MAE's tensors that are not
 parameters of ours are written as mae_keys.fixed_tensors says.
@@ -18,7 +18,7 @@ import numpy as np
 import ml_collections
 
 from crate_jax import models, setups
-from crate_jax.interop import alpha_keys, mae_keys, torch_keys, vit_keys
+from crate_jax.interop import alpha_keys, mae_keys, torch_keys, tost_keys, vit_keys
 from crate_jax.models import registry
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import weights as weights_lib
@@ -83,8 +83,8 @@ def _setup(cfg, model) -> str:
 
 
 def torch_state_dict(model, params) -> dict[str, np.ndarray]:
-  """The official PyTorch layout of `params` (CRATE, CRATE-MAE; CRATE-alpha: its PyTorch port;
-  ViT: timm's VisionTransformer),
+  """The official PyTorch layout of `params` (CRATE, CRATE-MAE, ToST (vision; and language:
+  TextModel with ToST blocks); CRATE-alpha: its PyTorch port; ViT: timm's VisionTransformer),
   from either layer layout (a run with scan_layers saves the layers stacked)."""
   params = models.scan_layout(jax.device_get(params), False)
   if isinstance(model, models.CRATEMAE):
@@ -95,6 +95,11 @@ def torch_state_dict(model, params) -> dict[str, np.ndarray]:
   if isinstance(model, models.ViT):  # timm's VisionTransformer (class token, LN eps 1e-6)
     return vit_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
                                   dim_head=model.dim_head)
+  if tost_keys.is_tost(model):  # the official ToST VisionTransformer / GPT (TSSA)
+    try:
+      return tost_keys.flax_to_torch(params, model)
+    except ValueError as e:
+      raise ExportError(str(e)) from None
   if type(model) is not models.CRATE:
     setups.check_export(model, "torch", setup=f"model {type(model).__name__}")
   return torch_keys.flax_to_torch(params, depth=model.depth, heads=model.heads,
