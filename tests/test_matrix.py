@@ -52,6 +52,15 @@ ROWS = {
                                        pool="mean"),
         "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
         "data.multicrop.num_local": 1, "data.multicrop.local_size": 12}),
+    "tost": Row("tost_embedded.py", {**_IMAGE, "model.kwargs": dict(
+        patch_size=8, dim=32, depth=2, heads=2)}),
+    "tost_dino": Row("crate_dino_embedded.py", {
+        **_IMAGE, "model.name": "tost_cab_tiny_12_p8",
+        "model.kwargs": dict(patch_size=8, dim=32, depth=2, heads=2),
+        "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
+        "data.multicrop.num_local": 1, "data.multicrop.local_size": 16}),
+    "tost_gpt": Row("tost_embedded_lm.py", {**_TEXT, "model.kwargs.dim": 32,
+                                           "model.kwargs.depth": 2, "model.kwargs.heads": 2}),
     "crate_gpt": Row("embedded_lm.py", {**_TEXT, "model.kwargs.dim": 32,
                                         "model.kwargs.depth": 2, "model.kwargs.heads": 2,
                                         "model.kwargs.dim_head": 16}),
@@ -74,11 +83,13 @@ REFUSED = {
     ("crate_mae", "export_stablehlo"): "has no classifier forward pass",
     ("crate_bert", "generate"): "not a causal language model",
 }
-for _row in ("crate_gpt", "gpt", "crate_bert"):
+REFUSED[("tost_dino", "evaluate")] = "no supervised head to score"
+for _row in ("crate_gpt", "gpt", "crate_bert", "tost_gpt"):
   REFUSED.update({(_row, "knn"): "has no labels to probe", (_row, "linear"): "has no labels",
-                  (_row, "segment"): "segmentation needs images",
-                  (_row, "export_torch"): "TextModel has no PyTorch layout"})
-for _row in ("crate", "crate_alpha", "vit", "crate_mae", "dino"):
+                  (_row, "segment"): "segmentation needs images"})
+  if _row != "tost_gpt":   # the causal ToST exports to the official nanoGPT-TSSA layout
+    REFUSED[(_row, "export_torch")] = "TextModel has no PyTorch layout"
+for _row in ("crate", "crate_alpha", "vit", "crate_mae", "dino", "tost", "tost_dino"):
   REFUSED[(_row, "generate")] = "not a causal language model"
 
 
@@ -203,7 +214,7 @@ def _check_stablehlo(ctx, out: str):
   x = (np.random.default_rng(0).integers(0, 100, (3, *example.shape[1:])).astype(np.int32)
        if example.dtype == jnp.int32 else
        np.random.default_rng(0).normal(size=(3, *example.shape[1:])).astype(np.float32))
-  want = model.apply({"params": params}, x)
+  want = model.apply(models.variables(params), x)
   np.testing.assert_allclose(np.asarray(forward.call(x)), np.asarray(want), atol=1e-5)
   del ckpt_lib, models
   return tuple(example.shape[1:])

@@ -41,7 +41,8 @@ def model_from_meta(meta: dict):
   name and kwargs."""
   if "config" in meta:
     cfg = meta["config"]
-    name, kwargs = cfg["model"]["name"], dict(cfg["model"]["kwargs"])
+    name = cfg["model"]["name"]
+    kwargs = registry.data_kwargs(name, cfg["model"]["kwargs"], cfg.get("data"))
   elif "model" in meta:
     cfg, name, kwargs = None, meta["model"], dict(meta.get("model_kwargs", {}))
   else:

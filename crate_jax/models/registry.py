@@ -49,6 +49,19 @@ def without_data_only_kwargs(name: str, kwargs: dict) -> dict:
   return {k: v for k, v in kwargs.items() if k != "num_classes" or k in fields}
 
 
+def data_kwargs(name: str, kwargs: dict, data=None) -> dict:
+  """A config's model kwargs as the model takes them: the data's image_size / num_classes where
+  the kwargs lost their reference to config.data (a kwargs dict replaced on the command line)
+  and the family has the field; the class count dropped for headless families."""
+  _check(name)
+  fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
+  kwargs = dict(kwargs)
+  for key in ("image_size", "num_classes"):
+    if key in fields and key not in kwargs and (data or {}).get(key, 0):
+      kwargs[key] = data[key]
+  return without_data_only_kwargs(name, kwargs)
+
+
 def from_config(config) -> nn.Module:
   """The model a train config describes (crate_jax.config_lib.base_config's keys):
   config.model.{name, kwargs, scan_layers, mssa_output, drop_path_rate}, compute_dtype, remat (a
@@ -56,7 +69,7 @@ def from_config(config) -> nn.Module:
   import jax.numpy as jnp  # local: keep this module import-light
   name = config.model.name
   _check(name)
-  kwargs = without_data_only_kwargs(name, dict(config.model.kwargs))
+  kwargs = data_kwargs(name, dict(config.model.kwargs), config.get("data"))
   fields = {f.name for f in dataclasses.fields(_REGISTRY[name][0])}
   if "dtype" in fields:
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):

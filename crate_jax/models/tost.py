@@ -102,9 +102,9 @@ class BatchNorm(nn.Module, kw_only=True):
       sigma2 = jnp.mean(jnp.square(y - mu), axis=(0, 1, 2))
       if self.is_mutable_collection(family.STATE) and not self.is_initializing():
         n = y.size // c
-        mean.value = (1 - BN_MOMENTUM) * mean.value + BN_MOMENTUM * mu.astype(jnp.float32)
+        mean.value = (1 - BN_MOMENTUM) * mean.value + BN_MOMENTUM * mu.astype(mean.value.dtype)
         var.value = (1 - BN_MOMENTUM) * var.value + BN_MOMENTUM * (
-            sigma2 * n / max(n - 1, 1)).astype(jnp.float32)
+            sigma2 * n / max(n - 1, 1)).astype(var.value.dtype)
     else:
       mu, sigma2 = mean.value.astype(f), var.value.astype(f)
     y = (y - mu) * jax.lax.rsqrt(sigma2 + BN_EPS) * scale.astype(f) + bias.astype(f)
@@ -305,6 +305,7 @@ class ToST(nn.Module, kw_only=True):
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
   prefix_tokens: ClassVar[int] = 0         # the TSSA blocks see the patches only
+  class_token: ClassVar[bool] = False      # ... so no layer's token 0 is a class token
   interpolate_pos: ClassVar[bool] = True   # Fourier positions: every grid (DINO's local crops)
   contract: ClassVar[family.Contract] = family.Contract(
       whitebox=frozenset({"normed", "features", "memberships"}), torch_layout=True)
