@@ -86,7 +86,8 @@ def check_export(model, target: str, *, setup: str) -> None:
   c = models.contract(model)
   if target == "torch" and not c.torch_layout:
     refuse(None, "export --to torch", f"{type(model).__name__} has no PyTorch layout to "
-           "export to (CRATE, CRATE-alpha, CRATE-MAE and ViT (timm's) have one); --to "
+           "export to (CRATE, CRATE-alpha, CRATE-MAE, ViT (timm's), ToST and the causal "
+           "ToST have one); --to "
            "stablehlo works", setup)
   if target == "stablehlo" and not c.classifier:
     refuse(None, "export --to stablehlo", f"{type(model).__name__} (pre-training) has no "

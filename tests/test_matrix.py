@@ -74,8 +74,8 @@ ROWS = {
 
 # None: works. A string: the refusal must contain it (one line, a user error, exit 2 on the CLI).
 REFUSED = {
-    ("vit", "whitebox"): "ViT carries no ['codes', 'features']",
-    ("gpt", "whitebox"): "TextModel carries no ['codes', 'features']",
+    ("vit", "whitebox"): "ViT carries no ['features']",
+    ("gpt", "whitebox"): "TextModel carries no ['features']",
     ("dino", "evaluate"): "no supervised head to score",
     ("crate_mae", "evaluate"): None,
     ("vit", "analyze"): "ViT carries no white-box quantities",

@@ -26,7 +26,7 @@ import numpy as np
 LAYER_NAME = re.compile(r"^(?:layer|block|encoderblock)_(\d+)$")
 SCANNED_NAME = re.compile(r"^(layer|block|encoderblock)_scan$")
 EMBED_NAMES = frozenset({"patch_embed", "embedding", "cls_token", "cls", "pos_embedding",
-                         "mask_token"})
+                         "pos_embed", "mask_token"})
 
 
 # The white-box quantities a family's `return_intermediates=True` output may carry, stacked over

@@ -25,14 +25,18 @@ def learning_rate_schedule(opt_cfg, total_steps: int, steps_per_epoch: int) -> o
 
 def decay_mask(params, mode: str):
   """Which leaves get weight decay: every leaf ("all", the official CRATE recipe), matrices only
-  ("kernels"), or leaves named `kernel` ("named_kernels": big_vision's `.*/kernel$`, as the
-  CRATE-alpha recipe; not D, D1, cls, positions, LayerNorms or biases)."""
+  ("kernels": leaves of 2+ dimensions with more than one row, not named `bias`: a head-shaped
+  (heads, dim_head) bias is still a bias, as timm's and nanoGPT's filters have it), or leaves
+  named `kernel` ("named_kernels": big_vision's `.*/kernel$`, as the CRATE-alpha recipe; not D,
+  D1, cls, positions, LayerNorms or biases)."""
   if mode == "all":
     return jax.tree.map(lambda _: True, params)
   if mode == "named_kernels":
     return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-  return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[0] > 1, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and p.shape[0] > 1 and getattr(path[-1], "key", None) != "bias",
+      params)
 
 
 def layer_decay_scales(layer_ids, depth: int, decay: float):

@@ -92,6 +92,33 @@ def test_crate_alpha_recipes_and_the_papers_recipe():
   setups.validate(paper)
 
 
+def test_the_tost_recipe_builds_every_official_size():
+  import jax.numpy as jnp
+  from crate_jax import models
+  from crate_jax.training import optim
+  for arg, (patch, dim, depth, eta) in {"tiny_12_p16": (16, 192, 12, 1.0),
+                                        "small_24_p8": (8, 384, 24, 1e-5)}.items():
+    c = _load("tost.py", arg)
+    setups.validate(c)
+    model = models.from_config(c)
+    assert (model.patch_size, model.dim, model.depth, model.eta) == (patch, dim, depth, eta)
+    assert (c.num_epochs, c.optimizer.lr, c.batch_size, c.ema_decay) == (400, 5e-4, 512, 0.99996)
+    assert (c.data.mixup_alpha, c.data.cutmix_alpha, model.drop_path_rate) == (0.8, 1.0, 0.1)
+  with pytest.raises(ValueError, match="must be one of"):
+    _load("tost.py", "huge_12_p16")
+  # weight decay on matrices only: not temp, the LayerScale gammas, biases, norms, the class token
+  model = models.get("tost_cab_tiny_12_p16", num_classes=10, dim=32, depth=1, heads=2)
+  params = jax.eval_shape(lambda x: models.init_params(model, jax.random.key(0), x),
+                          jnp.zeros((1, 32, 32, 3)))
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(
+      optim.decay_mask(params, "kernels"))}
+  assert not any(v for k, v in flat.items() if any(
+      n in k for n in ("temp", "gamma", "bias", "scale", "cls_token", "batch_stats")))
+  assert flat["['block_0']['attn']['qkv']['kernel']"] and flat["['head']['kernel']"]
+  ids = models.layer_ids(model, params)   # layer-wise lr decay: positions are embeddings
+  assert ids["pos_embed"]["kernel"] == 0 and ids["block_0"]["gamma1"] == 1
+
+
 def test_layer_wise_lr_decay_scales_land_on_the_right_leaves():
   import jax.numpy as jnp
   from crate_jax import config_lib, models
