@@ -6,8 +6,10 @@
 The model, tokenizer and weights come from the checkpoint (its saved config). CRATE's MSSA ties
 q = k = v, so one key-value cache of the subspace features U^T LN(z) per layer serves as both
 keys and values (models.crate.cached_features): the prompt is run once, then each new token
-costs one position. Sampling: softmax(logits / temperature) over the top_k most likely tokens
-(temperature 0: the most likely token). The transformer baseline runs without the cache.
+costs one position. The causal ToST keeps no cache of tokens at all: its TSSA state is three
+running sums per layer (O(heads d) per sequence, whatever the length; models.tost.TSSA.decode_step).
+Sampling: softmax(logits / temperature) over the top_k most likely tokens (temperature 0: the
+most likely token). The transformer baseline runs without a cache.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def generate(model, params, prompt_ids, *, max_new_tokens: int, temperature: flo
   rng = jax.random.key(seed)
   pick = jax.jit(lambda logits, key: sample(logits, key, temperature, top_k))
   out = [int(i) for i in prompt_ids]
-  if use_cache and getattr(model, "block", "crate") == "crate":
+  if use_cache and getattr(model, "block", "crate") in ("crate", "tost"):
     dec = decoding_model(model)
     step = jax.jit(lambda p, c, t: cached_step(dec, p, c, t))
 

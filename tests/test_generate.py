@@ -54,6 +54,49 @@ def test_greedy_generation_same_with_and_without_cache(gpt):
   np.testing.assert_array_equal(long[:13], a)
 
 
+@pytest.fixture(scope="module")
+def tost():
+  model = models.get("tost_gpt_tiny", vocab_size=259, max_len=24, dim=32, depth=2, heads=4)
+  params = jax.jit(lambda t: models.init_params(model, jax.random.key(0), t))(
+      jnp.zeros((1, 8), jnp.int32))
+  keys = iter(jax.random.split(jax.random.key(9), 64))
+  # LayerScale 0.5 (not 1e-5) and a non-zero denom_bias: every position's logits differ.
+  def perturb(path, p):
+    name = getattr(path[-1], "key", "")
+    if name.startswith("gamma"):
+      return jnp.full_like(p, 0.5)
+    if name == "denom_bias":
+      return 0.5 * jax.random.normal(next(keys), p.shape)
+    return p * 3.0
+  return model, jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def test_tost_decodes_from_running_sums_equal_to_the_full_causal_pass(tost):
+  """The causal ToST's decoding state is TSSA's three running sums per layer: O(heads d) per
+  sequence, never a cache of tokens; fed in pieces it gives the full pass's logits."""
+  model, params = tost
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 256)
+  full = model.apply({"params": params}, tokens)
+  dec = generate.decoding_model(model)
+  step = jax.jit(lambda p, c, t: generate.cached_step(dec, p, c, t))
+  cache = generate.init_cache(dec, 2, 16)
+  assert cache["layer_0"]["attn"]["energy"].shape == (2, 4, 8)       # (B, heads, d / heads)
+  pieces = []
+  for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 10), (10, 11), (11, 12)):
+    logits, cache = step(params, cache, tokens[:, lo:hi])
+    pieces.append(logits)
+  scale = float(jnp.abs(full).max())
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5 * scale, rtol=1e-5)
+  assert int(cache["layer_1"]["attn"]["index"]) == 12
+  prompt = np.arange(65, 70)
+  a = generate.generate(model, params, prompt, max_new_tokens=8, temperature=0.0)
+  b = generate.generate(model, params, prompt, max_new_tokens=8, temperature=0.0,
+                        use_cache=False)
+  np.testing.assert_array_equal(a, b)
+  long = generate.generate(model, params, prompt, max_new_tokens=30, temperature=0.0)
+  assert len(long) == 35 and long.max() < 259   # past max_len = 24: restarts from the last 12
+
+
 def test_top_k_sampling_draws_only_the_k_largest():
   logits = jnp.tile(jnp.arange(10.0)[None], (2000, 1))
   draws = generate.sample(logits, jax.random.key(0), 1.0, 3)

@@ -175,17 +175,17 @@ class TextModel(nn.Module, kw_only=True):
                            dim_head=self.dim_head, eta=self.eta, lambd=self.lambd,
                            decode=self.decode, mssa_init=self.mssa_init,
                            mssa_init_depth=self.depth, **common)
-    if self.decode:
-      raise ValueError("decode=True (key-value cache) is implemented for CRATE blocks only; "
-                       f"generate with the {self.block} model without the cache")
-    if self.block == "tost":
+    if self.block == "tost":   # decode: TSSA's running sums (no key-value cache)
       if not self.causal or key_mask is not None:
         raise ValueError("ToST blocks are causal language-model blocks (task lm): no "
                          "bidirectional or padded (classifier) use")
       common.update(attention_impl=None, return_weights=False)
       return L.layer_stack(ToSTBlock, z, heads=self.heads, mlp_ratio=self.mlp_ratio,
                            eta=TOST_GPT_ETA, ln_eps=L.TORCH_LN_EPS, max_len=self.max_len,
-                           init="gpt", init_depth=self.depth, **common)
+                           init="gpt", init_depth=self.depth, decode=self.decode, **common)
+    if self.decode:
+      raise ValueError("decode=True (a cache) is implemented for CRATE and ToST blocks; "
+                       f"generate with the {self.block} model without the cache")
     return L.layer_stack(ViTBlock, z, heads=self.heads, dim_head=self.dim_head,
                          mlp_ratio=self.mlp_ratio, **common)
 

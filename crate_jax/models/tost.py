@@ -148,6 +148,7 @@ class TSSA(nn.Module, kw_only=True):
   use_bias: bool = True
   init: str = "timm"
   init_depth: int = 1
+  decode: bool = False            # causal: continue from the running sums (`decode_step`)
 
   @nn.compact
   def __call__(self, x):
@@ -165,13 +166,34 @@ class TSSA(nn.Module, kw_only=True):
     temp = self.param("temp", nn.initializers.ones, (self.heads,), jnp.float32)
     if self.causal:
       bias = self.param("denom_bias", _ZEROS, (self.heads, self.max_len), jnp.float32)
-      out, pi = causal_tssa(w, temp, bias, return_memberships=True)
+      if self.decode:
+        out, pi = self.decode_step(w, temp, bias)
+      else:
+        out, pi = causal_tssa(w, temp, bias, return_memberships=True)
     else:
       out, pi = tssa(w, temp, return_memberships=True)
     out = nn.DenseGeneral(features=d, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
                           param_dtype=jnp.float32, kernel_init=k_out, bias_init=_ZEROS,
                           name="proj")(out)
     return out, w, pi
+
+  def decode_step(self, w, temp, bias):
+    """causal_tssa through its running sums kept in the "cache" collection: a state of
+    O(heads d) per sequence, whatever the length (no key-value cache). The first call
+    (model.init with decode=True) makes the zero state; each later call continues from it."""
+    b, _, h, p = w.shape
+    f = L.at_least_f32(w.dtype)
+    ready = self.has_variable("cache", "index")
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    energy = self.variable("cache", "energy", jnp.zeros, (b, h, p), f)
+    weighted = self.variable("cache", "weighted", jnp.zeros, (b, h, p), f)
+    mass = self.variable("cache", "mass", jnp.zeros, (b, h), f)
+    if not ready:
+      return causal_tssa(w, temp, bias, return_memberships=True)
+    out, pi, (index.value, energy.value, weighted.value, mass.value) = causal_tssa(
+        w, temp, bias, return_memberships=True,
+        carry=(index.value, energy.value, weighted.value, mass.value))
+    return out, pi
 
 
 class MLP(nn.Module, kw_only=True):
@@ -211,6 +233,7 @@ class ToSTBlock(nn.Module, kw_only=True):
   use_bias: bool = True
   init: str = "timm"
   init_depth: int = 1
+  decode: bool = False
   dtype: Dtype = jnp.float32
   deterministic: bool = True
   dropout: float = 0.0
@@ -235,7 +258,7 @@ class ToSTBlock(nn.Module, kw_only=True):
                           dtype=self.dtype, param_dtype=jnp.float32, name="norm1")(x)
     attn, w, pi = TSSA(heads=self.heads, dtype=self.dtype, causal=self.causal,
                        max_len=self.max_len, use_bias=self.use_bias, init=self.init,
-                       init_depth=self.init_depth, name="attn")(normed)
+                       init_depth=self.init_depth, decode=self.decode, name="attn")(normed)
     x = L.batch_split(x + branch(attn, "gamma1"))
     h = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, use_bias=self.use_bias,
                      dtype=self.dtype, param_dtype=jnp.float32, name="norm2")(x)

@@ -43,7 +43,7 @@ def tssa(w: jax.Array, temp: jax.Array, *, return_memberships: bool = False):
 
 
 def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array, *,
-                return_memberships: bool = False):
+                return_memberships: bool = False, carry=None):
   """Causal TSSA: token t sees the statistics of tokens <= t only (running sums):
 
     e_{t,k,j}  = sum_{u<=t} w_{u,k,j}^2                      (clamped below at 1e-12)
@@ -54,18 +54,35 @@ def causal_tssa(w: jax.Array, temp: jax.Array, denom_bias: jax.Array, *,
   with b = denom_bias, a learned per-head, per-position offset. w (B, T, heads, d), temp (heads,),
   denom_bias (heads, max_len) with T <= max_len -> (B, T, heads, d); with return_memberships:
   (out, Pi (B, T, heads)).
+
+  Every statistic is a running sum, so decoding needs no key-value cache, only a state of
+  O(heads d) per sequence: carry = (start, energy (B, h, d), weighted (B, h, d), mass (B, h)),
+  the position of w's first token and the three sums over the tokens before it (zeros and 0 for
+  none): calling on the tokens piece by piece, each time with the carry the call before
+  returned, equals one call on all of them. Returns then (out, [Pi,] the new carry).
   """
   t, max_len = w.shape[1], denom_bias.shape[1]
-  if t > max_len:
-    raise ValueError(f"causal TSSA: a sequence of {t} tokens is longer than the position table "
-                     f"(denom_bias) of {max_len}")
   x = w.astype(L.at_least_f32(w.dtype))
   sq = x * x
-  energy = jnp.maximum(jnp.cumsum(sq, axis=1), NORM_EPS)
-  offset = denom_bias[:, :t].T.astype(x.dtype)[None, :, :, None]           # (1, T, h, 1)
+  if carry is None:
+    if t > max_len:
+      raise ValueError(f"causal TSSA: a sequence of {t} tokens is longer than the position "
+                       f"table (denom_bias) of {max_len}")
+    start, e0, s0, m0 = 0, 0.0, 0.0, 0.0
+    offset = denom_bias[:, :t]
+  else:
+    start, e0, s0, m0 = carry
+    e0, s0, m0 = e0[:, None], s0[:, None], m0[:, None]
+    offset = jax.lax.dynamic_slice_in_dim(denom_bias, start, t, axis=1)
+  running = e0 + jnp.cumsum(sq, axis=1)
+  energy = jnp.maximum(running, NORM_EPS)
+  offset = offset.T.astype(x.dtype)[None, :, :, None]                       # (1, T, h, 1)
   logits = jnp.sum(sq / energy + offset, axis=-1) * temp.astype(x.dtype)
   pi = jax.nn.softmax(logits, axis=-1)                                       # (B, T, h)
-  mass = jnp.cumsum(pi, axis=1)[..., None]
-  second = jnp.cumsum(pi[..., None] * sq, axis=1) / (mass + MASS_EPS)
-  out = (-pi[..., None] * x / (1.0 + second)).astype(w.dtype)
-  return (out, pi) if return_memberships else out
+  mass = m0 + jnp.cumsum(pi, axis=1)
+  weighted = s0 + jnp.cumsum(pi[..., None] * sq, axis=1)
+  out = (-pi[..., None] * x / (1.0 + weighted / (mass[..., None] + MASS_EPS))).astype(w.dtype)
+  result = (out, pi) if return_memberships else (out,)
+  if carry is not None:
+    result += ((start + t, running[:, -1], weighted[:, -1], mass[:, -1]),)
+  return result if len(result) > 1 else out
