@@ -35,3 +35,24 @@ def test_knn_on_a_language_model_is_refused(tmp_path):
   proc = _run("crate_jax.evaluate", "--config", LM, "--checkpoint", str(tmp_path),
               "--protocol", "knn")
   _refused(proc, "--protocol knn", "embedded_shakespeare has no labels")
+
+
+
+def test_a_checkpoint_of_another_family_is_one_line_naming_both(tmp_path):
+  """A ToST checkpoint read with a CRATE config: one line naming both families, not a list of
+  missing leaves (in-process: the CLI prints a user error's one line)."""
+  import jax
+  import jax.numpy as jnp
+  import pytest
+  from crate_jax import cli, config_lib, evaluate, models
+  from crate_jax.training import checkpoint as ckpt_lib
+  kw = dict(image_size=28, patch_size=8, num_classes=10, dim=32, depth=2, heads=2)
+  model = models.get("tost_cab_tiny_12_p8", **kw)
+  params = models.init_params(model, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+  ckpt_lib.save_params(str(tmp_path / "tost"), params,
+                       {"model": "tost_cab_tiny_12_p8", "model_kwargs": kw})
+  cfg = config_lib.load_config(EMBEDDED, **{"data.data_dir": str(tmp_path / "tfds")})
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    evaluate.evaluate_checkpoint(cfg, str(tmp_path / "tost"))
+  assert cli.is_user_error(e.value) and "\n" not in str(e.value)
+  assert "holds a ToST model ('tost_cab_tiny_12_p8') and the config builds a CRATE" in str(e.value)

@@ -109,9 +109,10 @@ def warm_start(state, config, model, task, abstract_params):
   (the fresh leaves stay on their devices: no gather of sharded params to one host)."""
   fresh = {k: v for k, v in state.params.items()
            if config.init_head and k in models.head_params(model)}
-  loaded, _, what = weights_lib.load(config.init_from)
-  params = ckpt_lib.fit_params(abstract_params, loaded, what=f"checkpoint {config.init_from}",
-                               keep_fresh=fresh, drop_extra=True,
-                               adapt=functools.partial(models.adapt_params, model))
+  loaded, meta, what = weights_lib.load(config.init_from)
+  with weights_lib.other_family(meta, model, config.init_from):
+    params = ckpt_lib.fit_params(abstract_params, loaded, what=f"checkpoint {config.init_from}",
+                                 keep_fresh=fresh, drop_extra=True,
+                                 adapt=functools.partial(models.adapt_params, model))
   logging.info("Warm-started params from %s (%s)", config.init_from, what)
   return task.with_params(state, params)

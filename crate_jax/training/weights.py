@@ -10,6 +10,7 @@ holds the model's params alone. With `abstract_params` the params are fitted to 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -43,6 +44,34 @@ def load(checkpoint: str, config=None, *, abstract_params=None, model=None,
   params, what = pick(config, tree, for_eval_step=for_eval_step)
   if abstract_params is not None:
     adapt = functools.partial(models.adapt_params, model) if model is not None else None
-    params = ckpt_lib.fit_params(abstract_params, params, what=f"checkpoint {path}",
-                                 adapt=adapt)
+    with other_family(meta, model, path):
+      params = ckpt_lib.fit_params(abstract_params, params, what=f"checkpoint {path}",
+                                   adapt=adapt)
   return params, meta, what
+
+
+def saved_model_name(meta: dict) -> str | None:
+  """The registered model a checkpoint holds: its training config's, or a converted one's."""
+  if "config" in meta:
+    return meta["config"].get("model", {}).get("name")
+  return meta.get("model")
+
+
+@contextlib.contextmanager
+def other_family(meta: dict, model, path: str):
+  """A checkpoint that does not fit `model` because it holds another family (a ToST run read
+  with a CRATE config): its CheckpointError names both families in one line instead of
+  listing the missing leaves."""
+  try:
+    yield
+  except ckpt_lib.CheckpointError:
+    name = saved_model_name(meta)
+    if model is None or name not in models.names():
+      raise
+    saved = type(models.get(name)).__name__
+    if saved == type(model).__name__:
+      raise
+    raise ckpt_lib.CheckpointError(
+        f"checkpoint {path} holds a {saved} model ({name!r}) and the config builds a "
+        f"{type(model).__name__}: pass the run's own config (--config), or one of the same "
+        "family") from None
