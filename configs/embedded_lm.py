@@ -14,22 +14,5 @@ from crate_jax import config_lib
 def get_config():
   config = config_lib.text_config(model="crate_gpt_mini", task="lm")
   config.model.kwargs.update(dim=128, depth=4, heads=4, dim_head=32)
-  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
-
-  config.data.name = "embedded_shakespeare"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.seq_len = 64
-  config.data.tokenizer = "byte"
-
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_train_steps = 2000
-  config.optimizer.lr = 2e-3
-  config.optimizer.warmup_epochs = 0.1
-
-  config.log_every_steps = 50
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
+  config_lib.embedded_text_recipe(config)  # Shakespeare, byte-level, offline; the recipe
   return config

@@ -17,24 +17,7 @@ from crate_jax import config_lib
 def get_config():
   config = config_lib.base_config(model="tost_cab_tiny_12_p8")
   config.model.kwargs.update(patch_size=8, dim=96, depth=4, heads=4)
-  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
-
-  config_lib.embedded_mnist_data(config.data)  # 28 px digits, offline
+  config_lib.embedded_digits_recipe(config)  # configs/embedded.py's data and recipe
   config.data.image_size = config.data.eval_resize = 56
-
-  config.batch_size = 128
-  config.eval_batch_size = 200
-  config.num_epochs = 8
-  config.optimizer.name = "adamw"
-  config.optimizer.lr = 2e-3
-  config.optimizer.b2 = 0.999
-  config.optimizer.weight_decay = 0.05
   config.optimizer.decay_mask = "kernels"   # ToST's: no decay on biases, norms, temp, gammas
-  config.optimizer.warmup_epochs = 1.0
-  config.label_smoothing = 0.0
-
-  config.log_every_steps = 25
-  config.eval_every_steps = 125
-  config.checkpoint_every_steps = 125
-  config.keep_checkpoints = 2
   return config

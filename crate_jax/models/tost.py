@@ -246,12 +246,8 @@ class ToSTBlock(nn.Module, kw_only=True):
 
     def branch(y, gamma_name):
       gamma = self.param(gamma_name, nn.initializers.constant(self.eta), (d,), jnp.float32)
-      y = y * gamma.astype(y.dtype)
-      if self.dropout > 0:
-        y = nn.Dropout(rate=self.dropout)(y, deterministic=self.deterministic)
-      if drop_rate is not None and not self.deterministic:
-        y = L.drop_path(self, y, drop_rate)
-      return y
+      return L.residual_branch(self, y * gamma.astype(y.dtype), dropout=self.dropout,
+                               deterministic=self.deterministic, drop_rate=drop_rate)
 
     x = L.batch_split(x)
     normed = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, use_bias=self.use_bias,

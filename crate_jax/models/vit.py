@@ -75,11 +75,8 @@ class ViTBlock(nn.Module, kw_only=True):
     """drop_rate: stochastic depth of both residual branches (timm's DropPath); key_mask (B, N):
     False at padding tokens, which no token attends to."""
     def branch(y):
-      if self.dropout > 0:
-        y = nn.Dropout(rate=self.dropout)(y, deterministic=self.deterministic)
-      if drop_rate is not None and not self.deterministic:
-        y = L.drop_path(self, y, drop_rate)
-      return y
+      return L.residual_branch(self, y, dropout=self.dropout, deterministic=self.deterministic,
+                               drop_rate=drop_rate)
     x = L.batch_split(x)
     attn, weights = MHSA(heads=self.heads, dim_head=self.dim_head, dtype=self.dtype,
                          attention_impl=self.attention_impl, causal=self.causal, name="attn")(
