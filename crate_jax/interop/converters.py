@@ -39,6 +39,8 @@ def infer_kwargs(state_dict, variant: str, channels: int = 3) -> dict:
     for key, name in rows[tost].items():
       if key in sd and len(np.shape(sd[key])) == 2:
         kwargs[name] = int(np.shape(sd[key])[0])
+    if tost == "lm":   # GPTConfig(bias=...) as saved
+      kwargs["use_bias"] = "transformer.ln_f.bias" in sd
     return kwargs
   if "mlp_head.1.weight" in sd:
     kwargs["num_classes"] = int(np.shape(sd["mlp_head.1.weight"])[0])

@@ -33,11 +33,11 @@ Language (tost_lang/model_TSSA.py GPT with TSSA; `models.TextModel(block="tost")
   lm_head.weight                                     -> (tied: written as `embedding`; on import
                                                         it must equal transformer.wte.weight)
 
-The official language training script builds GPTConfig(bias=False) by default (train.py's
-`bias = False`): no Linear or LayerNorm biases. Such a state dict imports with our biases zero
-(the same function); the export writes the bias=True layout (GPTConfig's own default), whose
-biases hold ours. nanoGPT's `_orig_mod.` prefix (a torch.compile'd model's state dict) is dropped
-on import.
+The official language training script builds GPTConfig(bias=False) (train.py's `bias =
+False`): no Linear or LayerNorm biases, as our tost_gpt_* (use_bias=False). A model built with
+use_bias=True exports the bias=True layout (GPTConfig's own default) and imports either (a
+bias-free file: zero biases); convert infers use_bias from the file. nanoGPT's `_orig_mod.`
+prefix (a torch.compile'd model's state dict) is dropped on import.
 """
 from __future__ import annotations
 
@@ -253,6 +253,10 @@ def lm_to_flax(state_dict: Mapping[str, Any], expected, model: TextModel) -> dic
   check_lm(model)
   sd = unwrap_state_dict(state_dict)
   bias = "transformer.ln_f.bias" in sd
+  if bias and not model.use_bias:
+    raise ValueError("state dict: it has biases (GPTConfig(bias=True)) and the model was built "
+                     "with use_bias=False (the official training's); build it with "
+                     "use_bias=True (--config.model.kwargs.use_bias=true)")
   key_map = _guarded(lm_key_map(**_lm_arch(model), bias=bias))
   for key, (path, fwd, back) in list(key_map.items()):
     if path[-1] == "denom_bias":
@@ -265,7 +269,7 @@ def lm_to_flax(state_dict: Mapping[str, Any], expected, model: TextModel) -> dic
                        f"{LM_ARCH} ties them")
   params = torch_keys.from_state_dict(sd, key_map, expected, LM_ARCH,
                                       also_allowed=("lm_head.weight",))
-  if not bias:
+  if not bias and model.use_bias:   # a bias-free file into a model with biases: zero biases
     for path in _bias_paths(expected):
       torch_keys._set(params, path, np.zeros(torch_keys._leaf(expected, path).shape, np.float32))
   return _owned(params)
@@ -280,10 +284,10 @@ def _bias_paths(tree, prefix=()):
 
 
 def lm_to_torch(params, model: TextModel) -> dict[str, np.ndarray]:
-  """params (unrolled layers) -> the official GPTConfig(bias=True) state dict, lm_head.weight
-  the same array as transformer.wte.weight (the tie)."""
+  """params (unrolled layers) -> the official GPT state dict (GPTConfig(bias=model.use_bias)),
+  lm_head.weight the same array as transformer.wte.weight (the tie)."""
   check_lm(model)
-  sd = torch_keys.to_torch(params, lm_key_map(**_lm_arch(model)))
+  sd = torch_keys.to_torch(params, lm_key_map(**_lm_arch(model), bias=model.use_bias))
   sd["lm_head.weight"] = sd["transformer.wte.weight"]
   return sd
 

@@ -117,6 +117,8 @@ class TextModel(nn.Module, kw_only=True):
   tie_embeddings: bool = True     # head = token embedding^T (official CRATE-GPT, GPT-2, BERT)
   final_norm: bool = True         # LN before the head (GPT-2 / BERT); the official CRATE-GPT: none
   mssa_init: str = "torch"        # "crate" blocks: MSSA.init ("gpt": the official CRATE-GPT's)
+  use_bias: bool = True           # "tost" blocks: Linear and LayerNorm biases (the official
+                                  # ToST training's GPTConfig(bias=False): tost_gpt_* have none)
   dtype: Dtype = jnp.float32
   remat: bool | str = False
   scan_layers: bool = False
@@ -182,7 +184,8 @@ class TextModel(nn.Module, kw_only=True):
       common.update(attention_impl=None, return_weights=False)
       return L.layer_stack(ToSTBlock, z, heads=self.heads, mlp_ratio=self.mlp_ratio,
                            eta=TOST_GPT_ETA, ln_eps=L.TORCH_LN_EPS, max_len=self.max_len,
-                           init="gpt", init_depth=self.depth, decode=self.decode, **common)
+                           init="gpt", init_depth=self.depth, decode=self.decode,
+                           use_bias=self.use_bias, **common)
     if self.decode:
       raise ValueError("decode=True (a cache) is implemented for CRATE and ToST blocks; "
                        f"generate with the {self.block} model without the cache")
@@ -193,6 +196,8 @@ class TextModel(nn.Module, kw_only=True):
   def __call__(self, tokens, *, train: bool = False, return_intermediates: bool = False):
     if self.block not in BLOCKS:
       raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+    if not self.use_bias and self.block != "tost":
+      raise ValueError(f"use_bias=False: only ToST blocks drop their biases, not {self.block!r}")
     if not self.final_norm and "final_norm" in self.variables.get("params", {}):
       raise ValueError("the parameters hold a final LayerNorm 'final_norm' but the model was "
                        "built with final_norm=False (a crate_gpt_* checkpoint from before the "
@@ -205,7 +210,8 @@ class TextModel(nn.Module, kw_only=True):
     # tasks read packed sequences without padding).
     key_mask = tokens != self.pad_id if self.num_classes > 0 else None
     z, out = self.run_layers(z, train=train, collect=return_intermediates, key_mask=key_mask)
-    normed = L.layer_norm("final_norm", self.dtype)(z) if self.final_norm else z
+    normed = (L.layer_norm("final_norm", self.dtype, use_bias=self.use_bias)(z)
+              if self.final_norm else z)
     if self.num_classes > 0:
       return self.classify(normed, key_mask, out if return_intermediates else None, z)
     if self.tie_embeddings:
@@ -245,7 +251,8 @@ class TextModel(nn.Module, kw_only=True):
 def lm_kwargs(size: str, *, block: str, causal: bool) -> dict:
   """Registry defaults of a size: GPT-like (causal) models get GPT-2's context and vocabulary,
   BERT-like ones BERT's; tiny ones the byte vocabulary and 128 positions (ours). CRATE-GPT
-  follows the official model: no final LayerNorm, GPT-2's MSSA init."""
+  follows the official model: no final LayerNorm, GPT-2's MSSA init. The causal ToST follows
+  the official training (tost_lang/train.py's GPTConfig(bias=False)): no biases."""
   dim, depth, heads = (TOST_GPT_SIZES if block == "tost" else
                        GPT_SIZES if causal else BERT_SIZES)[size]
   official_gpt = block == "crate" and causal
@@ -255,4 +262,5 @@ def lm_kwargs(size: str, *, block: str, causal: bool) -> dict:
     vocab, max_len = (GPT2_VOCAB, 1024) if causal else (BERT_VOCAB, 512)
   return dict(vocab_size=vocab, max_len=max_len, dim=dim, depth=depth, heads=heads,
               dim_head=dim // heads, block=block, causal=causal, final_norm=not official_gpt,
-              **(dict(mssa_init="gpt") if official_gpt else {}))
+              **(dict(mssa_init="gpt") if official_gpt else {}),
+              **(dict(use_bias=False) if block == "tost" else {}))

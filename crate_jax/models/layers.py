@@ -57,9 +57,10 @@ def kaiming_uniform_init(fan_in: int):
   return uniform_init(math.sqrt(6.0 / fan_in))
 
 
-def layer_norm(name: str, dtype: Dtype, eps: float = TORCH_LN_EPS) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype, eps: float = TORCH_LN_EPS,
+               use_bias: bool = True) -> nn.LayerNorm:
   """LayerNorm with PyTorch numerics (eps 1e-5, two-pass variance); params stay fp32."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, use_bias=use_bias, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
 
 

@@ -250,14 +250,12 @@ class ToSTBlock(nn.Module, kw_only=True):
                                deterministic=self.deterministic, drop_rate=drop_rate)
 
     x = L.batch_split(x)
-    normed = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, use_bias=self.use_bias,
-                          dtype=self.dtype, param_dtype=jnp.float32, name="norm1")(x)
+    normed = L.layer_norm("norm1", self.dtype, self.ln_eps, self.use_bias)(x)
     attn, w, pi = TSSA(heads=self.heads, dtype=self.dtype, causal=self.causal,
                        max_len=self.max_len, use_bias=self.use_bias, init=self.init,
                        init_depth=self.init_depth, decode=self.decode, name="attn")(normed)
     x = L.batch_split(x + branch(attn, "gamma1"))
-    h = nn.LayerNorm(epsilon=self.ln_eps, use_fast_variance=False, use_bias=self.use_bias,
-                     dtype=self.dtype, param_dtype=jnp.float32, name="norm2")(x)
+    h = L.layer_norm("norm2", self.dtype, self.ln_eps, self.use_bias)(x)
     x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, use_bias=self.use_bias,
                        init=self.init, init_depth=self.init_depth, name="mlp")(h), "gamma2")
     return x, {"normed": normed, "features": w, "memberships": pi, "blocks": x}

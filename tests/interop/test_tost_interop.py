@@ -140,33 +140,39 @@ def test_causal_tost_exports_by_the_command_and_imports_back(tmp_path):
   sd = torch.load(tmp_path / "gpt.pth", weights_only=True)
   assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
   ref = ref_lib.GPT(ref_lib.GPTConfig(block_size=model.max_len, vocab_size=model.vocab_size,
-                                      n_layer=model.depth, n_head=model.heads, n_embd=model.dim))
+                                      n_layer=model.depth, n_head=model.heads, n_embd=model.dim,
+                                      bias=False))   # the official training's layout
   ref.load_state_dict(sd, strict=True)
   tokens = np.random.default_rng(5).integers(0, model.vocab_size, size=(2, 20))
   want = _lm_logits(ref, tokens)
   _close(_lm_ours(model, params, tokens), want, "exported causal ToST, logits")
   back, kwargs = converters.convert_state_dict({"model": sd}, "tost_gpt_tiny")
-  assert kwargs == {"vocab_size": model.vocab_size, "max_len": model.max_len}
+  assert kwargs == {"vocab_size": model.vocab_size, "max_len": model.max_len, "use_bias": False}
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, back)
 
 
 def test_the_official_bias_free_compiled_lm_checkpoint_imports():
   """The official train.py's GPTConfig(bias=False) saved from a torch.compile'd model
-  ('_orig_mod.' keys, nanoGPT's {'model': ..., 'model_args': ...}): our biases are zero. Its
-  denom_bias rows past wpe's (the official crop_block_size crops wpe only) are dropped."""
+  ('_orig_mod.' keys, nanoGPT's {'model': ..., 'model_args': ...}) imports as a bias-free
+  model (use_bias inferred), or into one with biases (zero biases). Its denom_bias rows past
+  wpe's (the official crop_block_size crops wpe only) are dropped."""
   ref = lm_reference(seed=7, bias=False)
   sd = {"_orig_mod." + k: (torch.cat([v, torch.randn(v.shape[0], 4, 1)], 1)
                            if k.endswith("denom_bias") else v)
         for k, v in ref.state_dict().items()}
   assert not any(k.endswith(".bias") for k in sd)
-  params, kwargs = converters.convert_state_dict(
-      {"model": sd, "model_args": {"bias": False}}, "tost_gpt_tiny", dim=LM["dim"],
-      depth=LM["depth"], heads=LM["heads"], dim_head=LM["dim_head"])
-  assert kwargs["vocab_size"] == LM["vocab_size"] and kwargs["max_len"] == LM["max_len"]
-  assert float(np.abs(params["layer_0"]["attn"]["qkv"]["bias"]).max()) == 0.0
-  model = models.get("tost_gpt_tiny", **kwargs)
   tokens = np.random.default_rng(6).integers(0, LM["vocab_size"], size=(2, 11))
-  _close(_lm_ours(model, params, tokens), _lm_logits(ref, tokens), "bias-free official LM")
+  for use_bias in (None, True):
+    extra = {} if use_bias is None else {"use_bias": True}
+    params, kwargs = converters.convert_state_dict(
+        {"model": sd, "model_args": {"bias": False}}, "tost_gpt_tiny", dim=LM["dim"],
+        depth=LM["depth"], heads=LM["heads"], dim_head=LM["dim_head"], **extra)
+    assert kwargs["vocab_size"] == LM["vocab_size"] and kwargs["max_len"] == LM["max_len"]
+    assert kwargs["use_bias"] is bool(use_bias)
+    biases = params["layer_0"]["attn"]["qkv"].get("bias")
+    assert biases is None if not use_bias else float(np.abs(biases).max()) == 0.0
+    model = models.get("tost_gpt_tiny", **kwargs)
+    _close(_lm_ours(model, params, tokens), _lm_logits(ref, tokens), "bias-free official LM")
 
 
 def _one_line_error(fn, *needles):
@@ -224,9 +230,11 @@ def test_expected_shapes_come_from_the_models():
   leaves = {tuple(str(getattr(k, "key", k)) for k in path)
             for path, _ in jax.tree_util.tree_leaves_with_path(expected)}
   assert paths == leaves
-  lm = models.get("tost_gpt_tiny")
-  expected = abstract_params(lm, jax.ShapeDtypeStruct((1, 8), jnp.int32))
-  key_map = tost_keys.lm_key_map(depth=lm.depth, heads=lm.heads, dim_head=lm.dim // lm.heads)
-  assert {p for p, _, _ in key_map.values()} == {
-      tuple(str(getattr(k, "key", k)) for k in path)
-      for path, _ in jax.tree_util.tree_leaves_with_path(expected)}
+  for use_bias in (False, True):   # tost_gpt_*'s bias-free default, and GPTConfig(bias=True)
+    lm = models.get("tost_gpt_tiny", use_bias=use_bias)
+    expected = abstract_params(lm, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    key_map = tost_keys.lm_key_map(depth=lm.depth, heads=lm.heads, dim_head=lm.dim // lm.heads,
+                                   bias=use_bias)
+    assert {p for p, _, _ in key_map.values()} == {
+        tuple(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(expected)}

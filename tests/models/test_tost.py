@@ -158,12 +158,14 @@ def test_vision_equals_the_official_in_float32_eval_and_train(patch):
   _check_vision(patch, "float32", logit_tol=1e-4, stat_tol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
-def test_causal_lm_equals_the_official(dtype, tol):
-  ref = lm_reference()
-  model = lm_model(dtype=jnp.dtype(dtype))
+@pytest.mark.parametrize("dtype,tol,bias", [(np.float64, 1e-10, False), (np.float32, 1e-4, False),
+                                            (np.float64, 1e-10, True)])
+def test_causal_lm_equals_the_official(dtype, tol, bias):
+  """The official training's bias-free layout (tost_gpt_*'s default), and GPTConfig(bias=True)."""
+  ref = lm_reference(bias=bias)
+  model = lm_model(dtype=jnp.dtype(dtype), use_bias=bias)
   params = tost_keys.lm_to_flax(ref.state_dict(), abstract_params(
-      lm_model(), jax.ShapeDtypeStruct((1, TOKENS), jnp.int32)), model)
+      lm_model(use_bias=bias), jax.ShapeDtypeStruct((1, TOKENS), jnp.int32)), model)
   tokens = np.random.default_rng(3).integers(0, LM["vocab_size"], size=(3, TOKENS))
   ref = ref.to(torch.float64 if dtype == np.float64 else torch.float32).eval()
   with torch.no_grad():
