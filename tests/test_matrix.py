@@ -184,7 +184,9 @@ def run_cell(ctx: Context, command: str):
     ctx.trained()
     path = exporters.export_torch(ctx.workdir, str(out) + ".pt")
     import torch
-    assert len(torch.load(path, weights_only=True)) > 0
+    sd = torch.load(path, weights_only=True)
+    assert len(sd) > 0
+    _check_tost_export(ctx, sd)
     return os.path.basename(path)
   if command == "export_stablehlo":
     return _check_stablehlo(ctx, str(out))
@@ -198,6 +200,36 @@ def run_cell(ctx: Context, command: str):
   if command == "plan":
     return _check_plan(cfg)
   raise AssertionError(command)
+
+
+def _check_tost_export(ctx, sd):
+  """A ToST run's export loads strictly into the PyTorch class that follows the official file
+  and computes the run's logits."""
+  from crate_jax import models
+  from crate_jax.interop import exporters
+  from crate_jax.interop import tost_reference as ref_lib
+  import torch
+  model, params, cfg = exporters.load(ctx.workdir)
+  if isinstance(model, models.ToST):
+    ref = ref_lib.tost_cab(patch_size=model.patch_size, embed_dim=model.dim, depth=model.depth,
+                           num_heads=model.heads, eta=model.eta,
+                           num_classes=model.num_classes)
+    x = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+    with torch.no_grad():
+      ref.load_state_dict(sd, strict=True)
+      want = ref.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  elif isinstance(model, models.TextModel) and model.block == "tost":
+    ref = ref_lib.GPT(ref_lib.GPTConfig(block_size=model.max_len, vocab_size=model.vocab_size,
+                                        n_layer=model.depth, n_head=model.heads,
+                                        n_embd=model.dim, bias=model.use_bias))
+    x = np.random.default_rng(0).integers(0, 200, (2, 16))
+    with torch.no_grad():
+      ref.load_state_dict(sd, strict=True)
+      want = ref.eval().logits(torch.from_numpy(x)).numpy()
+  else:
+    return
+  got = np.asarray(model.apply(models.variables(params), x))
+  np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 
 def _check_stablehlo(ctx, out: str):
