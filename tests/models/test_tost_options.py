@@ -28,11 +28,11 @@ def test_scan_and_remat_equal_the_unrolled_layers_and_their_gradients():
     logits, _ = models.apply_train(m, p, x, rngs={"dropout": jax.random.key(2)})
     return jnp.sum(logits ** 2)
 
-  want, grads = jax.value_and_grad(functools.partial(loss, model))(params)
+  want, grads = jax.jit(jax.value_and_grad(functools.partial(loss, model)))(params)
   scanned = models.get("tost_cab_tiny_12_p8", **ARCH, scan_layers=True, remat="full")
   p_scan = models.scan_layout(params, True)
   assert "block_scan" in p_scan
-  got, g_scan = jax.value_and_grad(functools.partial(loss, scanned))(p_scan)
+  got, g_scan = jax.jit(jax.value_and_grad(functools.partial(loss, scanned)))(p_scan)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                models.scan_layout(g_scan, False), grads)
