@@ -184,7 +184,7 @@ class TextModel(nn.Module, kw_only=True):
       common.update(attention_impl=None, return_weights=False)
       return L.layer_stack(ToSTBlock, z, heads=self.heads, mlp_ratio=self.mlp_ratio,
                            eta=TOST_GPT_ETA, ln_eps=L.TORCH_LN_EPS, max_len=self.max_len,
-                           init="gpt", init_depth=self.depth, decode=self.decode,
+                           init_scheme="gpt", init_depth=self.depth, decode=self.decode,
                            use_bias=self.use_bias, **common)
     if self.decode:
       raise ValueError("decode=True (a cache) is implemented for CRATE and ToST blocks; "

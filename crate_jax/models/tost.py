@@ -139,14 +139,15 @@ class TSSA(nn.Module, kw_only=True):
   TSSA operator (`tssa.tssa`, or `tssa.causal_tssa` with a learned per-position `denom_bias`),
   then heads merged and W_o (+ b_o). Returns (out, w, Pi).
 
-  init: "timm" (the vision model: trunc-normal 0.02, zero biases) or "gpt" (the language model:
-  N(0, 0.02), W_o ~ N(0, 0.02 / sqrt(2 init_depth)), zero biases)."""
+  init_scheme: "timm" (the vision model: trunc-normal 0.02, zero biases) or "gpt" (the language
+  model: N(0, 0.02), W_o ~ N(0, 0.02 / sqrt(2 init_depth)), zero biases). (Not `init`: that
+  would hide Module.init.)"""
   heads: int
   dtype: Dtype = jnp.float32
   causal: bool = False
   max_len: int = 1024             # causal: the rows of denom_bias (the position limit)
   use_bias: bool = True
-  init: str = "timm"
+  init_scheme: str = "timm"
   init_depth: int = 1
   decode: bool = False            # causal: continue from the running sums (`decode_step`)
 
@@ -155,7 +156,7 @@ class TSSA(nn.Module, kw_only=True):
     d = x.shape[-1]
     if d % self.heads:
       raise ValueError(f"TSSA: width {d} is not divisible by heads={self.heads}")
-    if self.init == "gpt":
+    if self.init_scheme == "gpt":
       k_in, k_out = nn.initializers.normal(0.02), nn.initializers.normal(
           0.02 / math.sqrt(2 * self.init_depth))
     else:
@@ -201,13 +202,13 @@ class MLP(nn.Module, kw_only=True):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   use_bias: bool = True
-  init: str = "timm"
+  init_scheme: str = "timm"
   init_depth: int = 1
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    if self.init == "gpt":
+    if self.init_scheme == "gpt":
       k_in, k_out = nn.initializers.normal(0.02), nn.initializers.normal(
           0.02 / math.sqrt(2 * self.init_depth))
     else:
@@ -231,7 +232,7 @@ class ToSTBlock(nn.Module, kw_only=True):
   causal: bool = False
   max_len: int = 1024
   use_bias: bool = True
-  init: str = "timm"
+  init_scheme: str = "timm"
   init_depth: int = 1
   decode: bool = False
   dtype: Dtype = jnp.float32
@@ -252,12 +253,13 @@ class ToSTBlock(nn.Module, kw_only=True):
     x = L.batch_split(x)
     normed = L.layer_norm("norm1", self.dtype, self.ln_eps, self.use_bias)(x)
     attn, w, pi = TSSA(heads=self.heads, dtype=self.dtype, causal=self.causal,
-                       max_len=self.max_len, use_bias=self.use_bias, init=self.init,
+                       max_len=self.max_len, use_bias=self.use_bias, init_scheme=self.init_scheme,
                        init_depth=self.init_depth, decode=self.decode, name="attn")(normed)
     x = L.batch_split(x + branch(attn, "gamma1"))
     h = L.layer_norm("norm2", self.dtype, self.ln_eps, self.use_bias)(x)
-    x = x + branch(MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, use_bias=self.use_bias,
-                       init=self.init, init_depth=self.init_depth, name="mlp")(h), "gamma2")
+    mlp = MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, use_bias=self.use_bias,
+              init_scheme=self.init_scheme, init_depth=self.init_depth, name="mlp")
+    x = x + branch(mlp(h), "gamma2")
     return x, {"normed": normed, "features": w, "memberships": pi, "blocks": x}
 
 
