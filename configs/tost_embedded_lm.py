@@ -15,5 +15,4 @@ def get_config():
   config = config_lib.text_config(model="tost_gpt_mini", task="lm")
   config.model.kwargs.update(dim=128, depth=4, heads=4)
   config_lib.embedded_text_recipe(config)  # configs/embedded_lm.py's data and recipe
-  config.optimizer.decay_mask = "kernels"   # nanoGPT's: matrices (and denom_bias) only
   return config

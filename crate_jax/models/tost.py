@@ -134,6 +134,14 @@ class ConvStem(nn.Module, kw_only=True):
     return x
 
 
+def kernel_inits(scheme: str, depth: int):
+  """(into, out of) a residual branch's kernel initialisers: "timm" trunc-normal 0.02 both;
+  "gpt" N(0, 0.02) in and N(0, 0.02 / sqrt(2 depth)) out (GPT-2's scaled residual init)."""
+  if scheme == "gpt":
+    return nn.initializers.normal(0.02), nn.initializers.normal(0.02 / math.sqrt(2 * depth))
+  return _TRUNC, _TRUNC
+
+
 class TSSA(nn.Module, kw_only=True):
   """Token statistics self-attention: w = U x + b (one (d, heads, d/heads) projection), the
   TSSA operator (`tssa.tssa`, or `tssa.causal_tssa` with a learned per-position `denom_bias`),
@@ -156,11 +164,7 @@ class TSSA(nn.Module, kw_only=True):
     d = x.shape[-1]
     if d % self.heads:
       raise ValueError(f"TSSA: width {d} is not divisible by heads={self.heads}")
-    if self.init_scheme == "gpt":
-      k_in, k_out = nn.initializers.normal(0.02), nn.initializers.normal(
-          0.02 / math.sqrt(2 * self.init_depth))
-    else:
-      k_in = k_out = _TRUNC
+    k_in, k_out = kernel_inits(self.init_scheme, self.init_depth)
     w = nn.DenseGeneral(features=(self.heads, d // self.heads), use_bias=self.use_bias,
                         dtype=self.dtype, param_dtype=jnp.float32, kernel_init=k_in,
                         bias_init=_ZEROS, name="qkv")(x)
@@ -208,11 +212,7 @@ class MLP(nn.Module, kw_only=True):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    if self.init_scheme == "gpt":
-      k_in, k_out = nn.initializers.normal(0.02), nn.initializers.normal(
-          0.02 / math.sqrt(2 * self.init_depth))
-    else:
-      k_in = k_out = _TRUNC
+    k_in, k_out = kernel_inits(self.init_scheme, self.init_depth)
     dense = lambda n, k, name: nn.Dense(features=n, use_bias=self.use_bias, dtype=self.dtype,
                                         param_dtype=jnp.float32, kernel_init=k, bias_init=_ZEROS,
                                         name=name)
@@ -283,14 +283,12 @@ class ClassAttentionBlock(nn.Module, kw_only=True):
         features=feats, axis=axis, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=_TRUNC, bias_init=_ZEROS, name=name)
     gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (d,), jnp.float32)
-    y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="norm1")(x)
+    y = L.layer_norm("norm1", self.dtype, LN_EPS)(x)
     qkv = dense((3, self.heads, p), "qkv")(y)
     cls, weights = L.attention(qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2], return_weights=True)
     cls = dense(d, "proj", axis=(-2, -1))(cls)
     x = x + gamma("gamma1").astype(x.dtype) * jnp.concatenate([cls, y[:, 1:]], axis=1)
-    x = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="norm2")(x)
+    x = L.layer_norm("norm2", self.dtype, LN_EPS)(x)
     mlp = MLP(mlp_ratio=self.mlp_ratio, dtype=self.dtype, name="mlp")(x[:, :1])
     return x + jnp.concatenate([gamma("gamma2").astype(x.dtype) * mlp, x[:, 1:]], axis=1), \
         weights[:, :, 0]
@@ -358,8 +356,7 @@ class ToST(nn.Module, kw_only=True):
       z, weights = ClassAttentionBlock(heads=self.heads, mlp_ratio=self.mlp_ratio, eta=self.eta,
                                        dtype=self.dtype, name=f"cls_block_{i}")(z)
       maps.append(weights)
-    pre_logits = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype,
-                              param_dtype=jnp.float32, name="norm")(z)[:, 0]
+    pre_logits = L.layer_norm("norm", self.dtype, LN_EPS)(z)[:, 0]
     logits = nn.Dense(features=self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=_TRUNC, bias_init=_ZEROS, name="head")(pre_logits)
     logits = logits.astype(L.at_least_f32(self.dtype))
