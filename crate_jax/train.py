@@ -51,6 +51,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir_lock.release()
 
 
+def _check_resumed_task(config, ckpts) -> None:
+  """A workdir whose checkpoints another objective wrote is refused in one line (before the
+  trees are compared leaf by leaf): resuming a SimDINO run with task dino, say."""
+  step = ckpts.latest_step()
+  if step is None:
+    return
+  try:
+    saved = (ckpts.saved_meta(step).get("config") or {}).get("task", "classification")
+  except Exception:  # noqa: BLE001 - an unreadable step is restore_latest's to report
+    return
+  if saved != config.get("task", "classification"):
+    raise ckpt_lib.CheckpointError(
+        f"checkpoint step {step} in {ckpts.directory} was trained with task {saved!r} and the "
+        f"config trains task {config.task!r}: resume it with its own config (config.json in "
+        f"the workdir), or start task {config.task!r} in a new --workdir (warm start: "
+        f"--config.init_from={ckpts.directory / str(step)})")
+
+
 def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
   """train_and_evaluate once the plan is made and the workdir is locked."""
   prog = program.build(config, p.model, p.mesh, total_steps=p.total_steps,
@@ -62,6 +80,7 @@ def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best_metric,
                                best_mode=best_mode)
   jsonl = os.fspath(epath.Path(workdir) / "metrics.jsonl")
+  _check_resumed_task(config, ckpts)
   start, state, meta = ckpts.restore_latest(abstract)
   if start is not None:
     logging.info("Resuming from step %d in %s", start, workdir)
@@ -110,10 +129,11 @@ def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
     rows = jax.device_get(pending)
     pending.clear()
     for s, m in rows:
-      if not np.isfinite(m["loss"]):
-        raise NonFiniteLossError(
-            f"non-finite training loss ({m['loss']}) at step {s}; stopping. The last good "
-            f"checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
+      for key, what in task.must_be_finite.items():
+        if key in m and not np.isfinite(m[key]):
+          raise NonFiniteLossError(
+              f"non-finite {what} ({m[key]}) at step {s}; stopping. The last good "
+              f"checkpoint is step {ckpts.latest_step()} in {ckpts.directory}")
     if rows:
       mean = {f"train/{k}": float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
       mean["train/lr"] = float(schedule(step - 1))

@@ -254,18 +254,12 @@ class CRATE(nn.Module, kw_only=True):
     """Patch embedding, class token at index 0, learned positional embedding: (B, n+1, d).
     With interpolate_pos, images of another grid than image_size's get the table resized
     (bicubic, class row kept; posemb.resize_pos_embedding) inside the forward pass."""
-    n = L.num_patches(self.image_size, self.patch_size)
-    grid = L.check_images(images, self.patch_size, self.channels)
-    if not self.interpolate_pos or grid[0] * grid[1] == n:
-      L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    grid = L.patch_grid(self, images)
     x = PatchEmbed(patch_size=self.patch_size, dim=self.dim, dtype=self.dtype,
                    name="patch_embed")(images)
-    positions = nn.initializers.normal(1.0)
-    if grid[0] * grid[1] != n:  # interpolate_pos: e.g. DINO's local crops (a smaller grid)
-      table = self.param("pos_embedding", positions, (1, n + 1, self.dim), jnp.float32)
-      positions = posemb.resize_pos_embedding(table, grid)[0]
-    return L.with_class_token(self, x, cls_name="cls_token", cls_init=nn.initializers.normal(1.0),
-                              positions=positions)
+    init = nn.initializers.normal(1.0)
+    return L.with_class_token(self, x, cls_name="cls_token", cls_init=init,
+                              positions=L.learned_positions(self, grid, init))
 
   def pool_and_head(self, tokens):
     pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)

@@ -189,14 +189,17 @@ class CRATEAlpha(nn.Module, kw_only=True):
   scan_layers: bool = False       # one nn.scan over the blocks (Transformer/encoderblock_scan)
   attention_impl: str | None = None
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
+  interpolate_pos: bool = False   # other grids than image_size's: positions resized on the fly
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
   contract: ClassVar[family.Contract] = family.Contract(whitebox=family.CRATE_WHITEBOX,
                                                         torch_layout=True)
 
   def embed(self, images):
-    """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""
-    n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d).
+    With interpolate_pos, another grid gets the positions resized (L.learned_positions)."""
+    grid = L.patch_grid(self, images)
+    n = grid[0] * grid[1]
     p = self.patch_size
     x = nn.Conv(features=self.dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
                 dtype=self.dtype, param_dtype=jnp.float32,
@@ -204,7 +207,8 @@ class CRATEAlpha(nn.Module, kw_only=True):
                 name="embedding")(images)
     x = x.reshape(x.shape[0], n, self.dim)
     return L.with_class_token(self, x, cls_name="cls", cls_init=nn.initializers.normal(1e-6),
-                              positions=nn.initializers.normal(0.02))
+                              positions=L.learned_positions(self, grid,
+                                                            nn.initializers.normal(0.02)))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

@@ -302,6 +302,27 @@ def with_class_token(module: nn.Module, x: jax.Array, *, cls_name: str, cls_init
   return jnp.concatenate([cls, x], axis=1) + jnp.asarray(positions, x.dtype)
 
 
+def patch_grid(module: nn.Module, images: jax.Array) -> tuple[int, int]:
+  """The images' patch grid (`check_images`); it must be the one `module.image_size` gives
+  (`check_patch_count`) unless the module resizes its positions (`module.interpolate_pos`)."""
+  grid = check_images(images, module.patch_size, module.channels)
+  if not getattr(module, "interpolate_pos", False):
+    check_patch_count(images, module.image_size, module.patch_size, module.channels)
+  return grid
+
+
+def learned_positions(module: nn.Module, grid: tuple[int, int], init):
+  """`positions` for `with_class_token`: the initialiser on the model's own grid; on another grid
+  (interpolate_pos: DINO's local crops, say) the learned (1, n+1, d) table resized bicubically
+  inside the forward pass, the class row kept (posemb.resize_pos_embedding)."""
+  from crate_jax.models import posemb
+  n = num_patches(module.image_size, module.patch_size)
+  if grid[0] * grid[1] == n:
+    return init
+  table = module.param("pos_embedding", init, (1, n + 1, module.dim), jnp.float32)
+  return posemb.resize_pos_embedding(table, grid)[0]
+
+
 POOLS = ("cls", "mean")  # a classifier's read-out: the class token, or the mean of the tokens
 
 

@@ -111,6 +111,7 @@ class ViT(nn.Module, kw_only=True):
   attention_impl: str | None = None
   drop_path_rate: float = 0.0     # stochastic depth, rising linearly to this at the last block
   dropout: float = 0.0
+  interpolate_pos: bool = False   # other grids than image_size's: positions resized on the fly
 
   head_params: ClassVar[tuple[str, ...]] = ("head",)
   # torch_layout: timm's VisionTransformer (crate_jax.interop.vit_keys)
@@ -118,8 +119,10 @@ class ViT(nn.Module, kw_only=True):
                                                         torch_layout=True)
 
   def embed(self, images):
-    """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d)."""
-    n = L.check_patch_count(images, self.image_size, self.patch_size, self.channels)
+    """Conv p x p / stride p (with bias), class token at index 0, learned positions: (B, n+1, d).
+    With interpolate_pos, another grid gets the positions resized (L.learned_positions)."""
+    grid = L.patch_grid(self, images)
+    n = grid[0] * grid[1]
     p = self.patch_size
     fan_in = p * p * self.channels
     x = nn.Conv(features=self.dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
@@ -127,7 +130,8 @@ class ViT(nn.Module, kw_only=True):
                 bias_init=L.torch_linear_init(fan_in), name="patch_embed")(images)
     x = x.reshape(x.shape[0], n, self.dim)
     return L.with_class_token(self, x, cls_name="cls_token",
-                              cls_init=nn.initializers.normal(1e-6), positions=_TRUNC)
+                              cls_init=nn.initializers.normal(1e-6),
+                              positions=L.learned_positions(self, grid, _TRUNC))
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_intermediates: bool = False):

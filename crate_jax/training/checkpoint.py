@@ -105,6 +105,11 @@ class Checkpoints:
     """The saved `state` tree of `step` as Orbax array metadata (shapes, dtypes); no arrays read."""
     return self.manager.item_metadata(step)["state"]
 
+  def saved_meta(self, step: int) -> dict:
+    """The meta (step, config, ...) saved with `step`; no arrays read."""
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta)
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings).
 

@@ -65,7 +65,7 @@ def build(config, model, mesh, *, total_steps: int, steps_per_epoch: int) -> Pro
                             jnp.zeros((1, *input_shape)))
     layer_ids = models.layer_ids(model, shapes)
   tx = optim.make_optimizer(config.optimizer, schedule, layer_ids=layer_ids,
-                            depth=getattr(model, "depth", None))
+                            depth=getattr(model, "depth", None), total_steps=total_steps)
   init = lambda: task.init_state(model, tx, config, input_shape)
   abstract = jax.eval_shape(init)
   state_sh = sharding.state_shardings(abstract, mesh, config.mesh)

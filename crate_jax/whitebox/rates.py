@@ -54,15 +54,19 @@ def cholesky_diagonal(A: jax.Array) -> jax.Array:
 
 
 def gram(Z: jax.Array) -> jax.Array:
-  """The smaller Gram matrix of Z (..., N, d): Z^T Z (d x d) if d <= N, else Z Z^T (N x N)."""
+  """The smaller Gram matrix of Z (..., N, d): Z^T Z (d x d) if d <= N, else Z Z^T (N x N), at
+  HIGHEST precision (a float32 matmul may otherwise run as one bf16 pass on TPUs, TF32 on GPUs)."""
   n, d = Z.shape[-2:]
   Zt = jnp.swapaxes(Z, -1, -2)
-  return Zt @ Z if d <= n else Z @ Zt
+  mm = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return mm(Zt, Z) if d <= n else mm(Z, Zt)
 
 
-def coding_rate(Z: jax.Array, eps_sq: float = OFFICIAL_EPS_SQ) -> jax.Array:
-  """R(Z) = 1/2 logdet(I + d / (N eps^2) Z^T Z) for Z (..., N, d); returns shape (...)."""
-  n, d = Z.shape[-2:]
+def coding_rate(Z: jax.Array, eps_sq: float = OFFICIAL_EPS_SQ, n=None) -> jax.Array:
+  """R(Z) = 1/2 logdet(I + d / (N eps^2) Z^T Z) for Z (..., N, d), in float32 or wider whatever
+  Z's dtype; returns shape (...). `n` replaces N in the scale (rows of zeros left out)."""
+  rows, d = Z.shape[-2:]
+  n = rows if n is None else n
   Z = Z.astype(jnp.promote_types(Z.dtype, jnp.float32))
   return 0.5 * logdet_i_plus(gram(Z), d / (n * eps_sq))
 

@@ -28,6 +28,9 @@ class Task:
   best: ClassVar[tuple[str, str]]          # (metric, "max" | "min") of the best checkpoint
   # Commands that make no sense for the objective itself, with the reason (one line each).
   refuses: ClassVar[Mapping[str, str]] = {}
+  # Train metrics that stop the run when non-finite, in the order checked, with what to call
+  # them in the one-line error.
+  must_be_finite: ClassVar[Mapping[str, str]] = {"loss": "training loss"}
 
   # ------------------------------------------------------------------------------- config
   def validate(self, config, need: Callable) -> None:

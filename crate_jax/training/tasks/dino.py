@@ -38,8 +38,9 @@ def feature_dim(model, image_shape) -> int:
   return int(out.shape[-1])
 
 
-def create_state(model, head, tx, image_shape, seed: int):
-  """Student = backbone init (the same key as every task) + head; teacher = a copy; centre 0."""
+def student_teacher_state(model, head, tx, image_shape, seed: int):
+  """Student = backbone init (the same key as every task) + head; task_state["teacher"] = a
+  copy (DINO and SimDINO)."""
   from crate_jax.training import steps
   init_rng, state_rng = jax.random.split(jax.random.key(seed))
   params = dict(family.init_params(model, init_rng, jnp.zeros((1, *image_shape), jnp.float32)))
@@ -47,8 +48,14 @@ def create_state(model, head, tx, image_shape, seed: int):
                            jnp.zeros((1, feature_dim(model, image_shape))))["params"]
   return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(state_rng),
-                          task_state={"teacher": jax.tree.map(jnp.copy, params),
-                                      "centre": jnp.zeros((1, head.out_dim), jnp.float32)})
+                          task_state={"teacher": jax.tree.map(jnp.copy, params)})
+
+
+def create_state(model, head, tx, image_shape, seed: int):
+  """`student_teacher_state` and DINO's centre, 0."""
+  state = student_teacher_state(model, head, tx, image_shape, seed)
+  return state.replace(task_state=dict(state.task_state,
+                                       centre=jnp.zeros((1, head.out_dim), jnp.float32)))
 
 
 def embed(model, head, params, views, *, train: bool, rng, with_state: bool = False):
@@ -132,24 +139,29 @@ class DINO(base.Task):
     must do with the local crops; before anything compiles."""
     need("dino" in config and "multicrop" in config.data, "task",
          "needs config.dino and config.data.multicrop (start from config_lib.dino_config)")
-    d, m = config.dino, config.data.multicrop
+    d = config.dino
     need(float(config.ema_decay) <= float(d.momentum_final) <= 1.0, "dino.momentum_final",
          f"must be in [config.ema_decay={config.ema_decay}, 1]")
     need(int(d.out_dim) >= 2, "dino.out_dim", "DINO needs at least 2 prototypes")
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
       need(float(d[key]) > 0, f"dino.{key}", "must be > 0")
     need(0.0 <= float(d.centre_momentum) < 1.0, "dino.centre_momentum", "must be in [0, 1)")
+    from crate_jax import models
+    self.validate_views(config, need, models.from_config(config))
+
+  def validate_views(self, config, need, model):
+    """The multi-crop views (crate_jax.data.multicrop.check) and what the backbone must do
+    with the local crops (DINO and SimDINO)."""
+    m = config.data.multicrop
     from crate_jax.data import multicrop
     multicrop.check(config.data)
     patch = int(config.model.kwargs.get("patch_size", 1))
     need(int(m.local_size) % patch == 0, "data.multicrop.local_size",
          f"is not divisible by config.model.kwargs.patch_size={patch}")
-    from crate_jax import models
     need(int(m.num_local) == 0 or int(m.local_size) == int(config.data.image_size)
-         or getattr(models.from_config(config), "interpolate_pos", False),
-         "model.kwargs.interpolate_pos",
+         or getattr(model, "interpolate_pos", False), "model.kwargs.interpolate_pos",
          "must be True for local crops smaller than the global ones")
-    need(config.grad_accum_steps == 1, "grad_accum_steps", "task 'dino' takes 1")
+    need(config.grad_accum_steps == 1, "grad_accum_steps", f"task {self.name!r} takes 1")
 
   def batch_spec(self, config, batch_size, *, train):
     if not train:  # the unaugmented eval images: a collapse check on held-out data
