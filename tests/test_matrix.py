@@ -52,6 +52,11 @@ ROWS = {
                                        pool="mean"),
         "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8,
         "data.multicrop.num_local": 1, "data.multicrop.local_size": 12}),
+    "simdino": Row("simdino_embedded.py", {
+        **_IMAGE, "model.kwargs": dict(TINY_ARCH, patch_size=4, interpolate_pos=True,
+                                       pool="mean"),
+        "simdino.z_dim": 8, "simdino.hidden_dim": 32,
+        "data.multicrop.num_local": 1, "data.multicrop.local_size": 12}),
     "tost": Row("tost_embedded.py", {**_IMAGE, "model.kwargs": dict(
         patch_size=8, dim=32, depth=2, heads=2)}),
     "tost_dino": Row("crate_dino_embedded.py", {
@@ -84,12 +89,13 @@ REFUSED = {
     ("crate_bert", "generate"): "not a causal language model",
 }
 REFUSED[("tost_dino", "evaluate")] = "no supervised head to score"
+REFUSED[("simdino", "evaluate")] = "no supervised head to score"
 for _row in ("crate_gpt", "gpt", "crate_bert", "tost_gpt"):
   REFUSED.update({(_row, "knn"): "has no labels to probe", (_row, "linear"): "has no labels",
                   (_row, "segment"): "segmentation needs images"})
   if _row != "tost_gpt":   # the causal ToST exports to the official nanoGPT-TSSA layout
     REFUSED[(_row, "export_torch")] = "TextModel has no PyTorch layout"
-for _row in ("crate", "crate_alpha", "vit", "crate_mae", "dino", "tost", "tost_dino"):
+for _row in ("crate", "crate_alpha", "vit", "crate_mae", "dino", "simdino", "tost", "tost_dino"):
   REFUSED[(_row, "generate")] = "not a causal language model"
 
 
@@ -254,7 +260,7 @@ def _check_stablehlo(ctx, out: str):
 
 # The eval step's TPU plan is the task's program: compiled on one row per task (the train
 # step, which the family shapes, on every row).
-PLAN_EVAL_ROWS = ("crate", "crate_mae", "dino", "crate_gpt", "crate_bert")
+PLAN_EVAL_ROWS = ("crate", "crate_mae", "dino", "simdino", "crate_gpt", "crate_bert")
 
 
 def _check_plan(cfg, with_eval: bool = True):
