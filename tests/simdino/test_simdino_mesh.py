@@ -100,3 +100,21 @@ def test_loss_and_gradients_do_not_depend_on_the_device_count(setup, monkeypatch
   assert abs(loss8 - loss1) > 100 * 1e-5 * abs(loss1)
   with pytest.raises(AssertionError):
     _close_grads(grads1, grads8, 1e-4)
+
+
+def test_bfloat16_compute_keeps_the_loss_finite_and_close(setup):
+  """The backbone in bfloat16 (compute_dtype): the head and the coding rate stay float32, the
+  loss is finite and near the float32 one (the features differ by bf16 rounding only)."""
+  config, _, head, params, teacher, batch = setup
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = config.copy_and_resolve_references()
+    cfg.compute_dtype = dtype
+    model = models.from_config(cfg)
+    fn = jax.jit(lambda p, t, b, model=model, cfg=cfg: simdino_task.objective(model, head, cfg)(
+        p, t, b, jax.random.key(0)))
+    loss, (terms, _) = fn(params, teacher, batch)
+    assert terms["expansion"].dtype == jnp.float32
+    losses[dtype] = (float(loss), float(terms["expansion"]))
+  assert all(np.isfinite(losses["bfloat16"]))
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)

@@ -204,3 +204,35 @@ def test_scanned_stochastic_depth_training_runs_and_bad_rates_are_refused(tmp_pa
     train.train_and_evaluate(bad, str(tmp_path / "bad"))
   with pytest.raises(ValueError, match=r"config.remat='sometimes'"):
     train.train_and_evaluate(tiny_config(data_dir, remat="sometimes"), str(tmp_path / "bad"))
+
+
+def test_weight_decay_schedule_and_per_parameter_clipping_as_dino_computes_them():
+  """weight_decay_final: a cosine from weight_decay to it over the run, as DINO's and SimDINO's
+  `cosine_scheduler(0.04, 0.4, ...)`; clip_per_param: each gradient tensor scaled to norm <= c
+  on its own (their `clip_gradients`), where the global norm would scale every one alike."""
+  import ml_collections
+  import optax
+  from crate_jax import config_lib
+  from crate_jax.training import optim
+  opt = config_lib.simdino_config("crate_tiny").optimizer
+  wd = optim.weight_decay_schedule(opt, 100)
+  got = [float(wd(t)) for t in (0, 50, 100, 200)]
+  np.testing.assert_allclose(got, [0.04, 0.22, 0.4, 0.4], rtol=1e-5)
+  assert optim.weight_decay_schedule(ml_collections.ConfigDict({"weight_decay": 0.05}), 100) \
+      == 0.05
+  grads = {"a": jax.numpy.asarray([3.0, 4.0]), "b": jax.numpy.asarray([0.3, 0.4])}
+  out, _ = optim.clip_by_param_norm(1.0).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-5)     # 5 -> 1
+  np.testing.assert_allclose(out["b"], [0.3, 0.4], rtol=1e-6)     # 0.5: untouched
+  # through make_optimizer (zero gradients: the update is -lr wd(t) w): steps 0 and 9 of 10
+  opt.lr, opt.warmup_epochs, opt.final_lr_fraction = 1.0, 0.0, 1.0
+  tx = optim.make_optimizer(opt, optim.learning_rate_schedule(opt, 10, 10), total_steps=10)
+  params = {"w": jax.numpy.ones((2, 2))}
+  state = tx.init(params)
+  zero = {"w": jax.numpy.zeros((2, 2))}
+  first, state = tx.update(zero, state, params)
+  np.testing.assert_allclose(first["w"], -0.04, rtol=1e-5)
+  for _ in range(9):
+    last, state = tx.update(zero, state, params)
+  np.testing.assert_allclose(last["w"], -(0.4 - 0.36 * 0.5 * (1 + np.cos(np.pi * 0.9))),
+                             rtol=1e-4)
