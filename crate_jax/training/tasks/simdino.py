@@ -81,7 +81,8 @@ class SimDINO(dino_task.DINO):
   best = ("teacher_rate", "max")   # the least collapsed teacher; k-NN scores it
   refuses = {"evaluate": "a SimDINO run has no supervised head to score: use --protocol knn or "
                          "--protocol linear (frozen teacher features)"}
-  must_be_finite = {"expansion": "coding rate (SimDINO's expansion term R, float32)",
+  must_be_finite = {"expansion": "coding rate R of the merged global views (SimDINO's expansion "
+                                "term, float32)",
                     "loss": "training loss"}
 
   def validate(self, config, need):
