@@ -1,12 +1,16 @@
 """Published checkpoints -> our params (and Orbax checkpoints): official PyTorch CRATE, the
 CRATE-alpha PyTorch port, official PyTorch CRATE-MAE (`crate_ae`), official PyTorch ToST (vision
 `tost_cab_*`, with the stem's batch-norm statistics; language `tost_gpt_*`) (all by --variant's
-family) and CRATE-alpha big_vision `.npz` files.
+family), CRATE-alpha big_vision `.npz` files, and `.safetensors` files (read without torch): the
+official PyTorch names of those families, or our flat Flax names (safetensors_io) of any family,
+e.g. a language model exported with `export --to safetensors`.
 
 ToST has no ISTA step: eta / lambda do not apply (its LayerScale vectors are in the file).
 
 eta and lambda are not stored in PyTorch checkpoints: they are arguments (lambda defaults to the
-family's: 0.1 for CRATE and CRATE-alpha, 0.5 for CRATE-MAE), recorded in the meta.
+family's: 0.1 for CRATE and CRATE-alpha, 0.5 for CRATE-MAE), recorded in the meta. A .safetensors
+file we wrote records its model's kwargs (eta and lambda included): they are used when it names
+the same model as --variant, the arguments given winning.
 Every key must be accounted for; any mismatch raises before anything is written, and an existing
 output is never overwritten.
 """
@@ -20,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax import models
-from crate_jax.interop import alpha_keys, mae_keys, torch_keys, tost_keys
+from crate_jax import cli, models
+from crate_jax.interop import alpha_keys, mae_keys, safetensors_io, torch_keys, tost_keys
 from crate_jax.training import checkpoint as ckpt_lib
 
 
@@ -148,17 +152,76 @@ def load_torch(path: str):
     raise ValueError(f"cannot read {path!r} as a PyTorch checkpoint: {e}") from e
 
 
-def convert(torch_path: str, variant: str, out: str, *, eta: float = 0.1,
+def _abstract_params(model):
+  """The model's params tree (ShapeDtypeStructs, with its model state) at init."""
+  if models.contract(model).inputs == "tokens":
+    example = jnp.zeros((1, model.max_len), jnp.int32)
+  else:
+    example = jnp.zeros((1, model.image_size, model.image_size, getattr(model, "channels", 3)))
+  return jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
+                        example)
+
+
+def convert_flat(tensors, variant: str, **model_kwargs):
+  """(params, model kwargs) from flat-named tensors (safetensors_io: Flax paths joined by "/")
+  of `variant` built with `model_kwargs`."""
+  model = models.get(variant, **model_kwargs)
+  params = safetensors_io.params_from_flat(tensors, _abstract_params(model), type(model).__name__)
+  return params, dict(model_kwargs)
+
+
+def convert_safetensors(path: str, variant: str, *, eta: float | None = None,
+                        lambd: float | None = None, **model_kwargs):
+  """(params, model kwargs) of a .safetensors file: official PyTorch names (ours exported, or a
+  published file) through `convert_state_dict`, or our flat names (its metadata's layout "flax")
+  through `convert_flat`. The file's recorded kwargs apply when it names --variant's model;
+  arguments given here win. A mismatch names the model the file was written from."""
+  tensors, meta = safetensors_io.read(path)
+  model = models.get(variant)
+  layout = safetensors_io.layout(meta, "torch" if models.contract(model).torch_layout else "flax")
+  saved = safetensors_io.saved_kwargs(meta, variant)
+  saved.pop("scan_layers", None)   # a run's layer layout, not the file's (it holds them unrolled)
+  try:
+    if layout == "flax":
+      ista = {k: v for k, v in (("eta", eta), ("lambd", lambd)) if v is not None}
+      return convert_flat(tensors, variant, **{**saved, **model_kwargs, **ista})
+    if not models.contract(model).torch_layout:
+      raise safetensors_io.SafetensorsError(
+          f"--variant {variant}: {type(model).__name__} has no PyTorch layout, and the file "
+          "holds official PyTorch names")
+    if _tost_kind(variant) is not None:  # its `eta` (LayerScale init) is a model kwarg
+      if lambd is not None:
+        raise ValueError(f"--variant {variant}: ToST has no ISTA step, --lambd does not apply")
+      return convert_tost(tensors, variant, **{**saved, **model_kwargs})
+    eta = saved.pop("eta", 0.1) if eta is None else eta
+    lambd = saved.pop("lambd", None) if lambd is None else lambd
+    saved = {k: v for k, v in saved.items() if k not in ("eta", "lambd")}
+    return convert_state_dict(tensors, variant, eta=eta, lambd=lambd, **{**saved, **model_kwargs})
+  except ValueError as e:
+    written = meta.get("model")
+    if not written or written == variant:
+      raise
+    raise safetensors_io.SafetensorsError(
+        f"{cli.one_line(e)} (the file was exported from model {written!r}: try --variant "
+        f"{written})") from None
+
+
+def convert(torch_path: str, variant: str, out: str, *, eta: float | None = None,
             lambd: float | None = None,
             **model_kwargs) -> str:
-  """Convert and write; returns the checkpoint step directory."""
+  """Convert and write; returns the checkpoint step directory. A .npz, .safetensors or PyTorch
+  file by its suffix. eta=None: the file's (a .safetensors file we wrote), else 0.1."""
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out {out!r} exists and is not empty; refusing to overwrite it")
-  if torch_path.endswith(".npz"):
-    ista = {"eta": eta, **({} if lambd is None else {"lambd": lambd})}
+  if safetensors_io.is_safetensors(torch_path):
+    params, kwargs = convert_safetensors(torch_path, variant, eta=eta, lambd=lambd,
+                                         **model_kwargs)
+  elif torch_path.endswith(".npz"):
+    ista = {"eta": 0.1 if eta is None else eta, **({} if lambd is None else {"lambd": lambd})}
     params, kwargs = convert_npz(load_npz(torch_path), variant, **ista, **model_kwargs)
   else:
-    params, kwargs = convert_state_dict(load_torch(torch_path), variant, eta=eta, lambd=lambd,
+    params, kwargs = convert_state_dict(load_torch(torch_path), variant,
+                                        eta=0.1 if eta is None else eta, lambd=lambd,
                                         **model_kwargs)
   meta = {"model": variant, "model_kwargs": kwargs, "source": os.path.abspath(torch_path)}
   return ckpt_lib.save_params(out, params, meta)

@@ -1,7 +1,8 @@
 """Our checkpoints -> a PyTorch state dict (the official CRATE / CRATE-MAE / ToST classes, the
-CRATE-alpha port or timm's VisionTransformer for ViT, strict=True) or a serialized StableHLO
-forward pass (jax.export, symbolic batch dimension). CRATE-MAE's tensors that are not
-parameters of ours are written as mae_keys.fixed_tensors says.
+CRATE-alpha port or timm's VisionTransformer for ViT, strict=True), a .safetensors file (the same
+tensors; flat Flax names for the other families: crate_jax.interop.safetensors_io) or a
+serialized StableHLO forward pass (jax.export, symbolic batch dimension). CRATE-MAE's tensors
+that are not parameters of ours are written as mae_keys.fixed_tensors says.
 
 Nothing is written unless the whole export succeeds; an existing output is refused.
 """
@@ -18,7 +19,8 @@ import numpy as np
 import ml_collections
 
 from crate_jax import models, setups
-from crate_jax.interop import alpha_keys, mae_keys, torch_keys, tost_keys, vit_keys
+from crate_jax.interop import (alpha_keys, mae_keys, safetensors_io, torch_keys, tost_keys,
+                               vit_keys)
 from crate_jax.models import registry
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import weights as weights_lib
@@ -35,10 +37,10 @@ def refuse_existing(out: str) -> None:
     raise FileExistsError(f"--out {out!r} exists; refusing to overwrite it")
 
 
-def model_from_meta(meta: dict):
-  """(float32, unscanned model, config-or-None) as the checkpoint's meta describes it: a training
-  run's config (the model it trains; a DINO run's backbone), or a converted checkpoint's model
-  name and kwargs."""
+def model_spec(meta: dict):
+  """(registered model name, its kwargs, config-or-None) as the checkpoint's meta describes it:
+  a training run's config (the model it trains; a DINO run's backbone), or a converted
+  checkpoint's model name and kwargs."""
   if "config" in meta:
     cfg = meta["config"]
     name = cfg["model"]["name"]
@@ -48,7 +50,14 @@ def model_from_meta(meta: dict):
   else:
     raise ExportError("the checkpoint's meta names no model (neither a training config nor a "
                       "converted model)")
-  return models.get(name, **registry.without_data_only_kwargs(name, kwargs)), cfg
+  return name, registry.without_data_only_kwargs(name, kwargs), cfg
+
+
+def model_from_meta(meta: dict):
+  """(float32, unscanned model, config-or-None) as the checkpoint's meta describes it
+  (`model_spec`)."""
+  name, kwargs, cfg = model_spec(meta)
+  return models.get(name, **kwargs), cfg
 
 
 def example_input(model, cfg) -> jax.ShapeDtypeStruct:
@@ -116,6 +125,26 @@ def export_torch(checkpoint: str, out: str) -> str:
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, tmp)
   os.replace(tmp, out)
   return out
+
+
+def safetensors_tensors(model, params) -> tuple[str, dict[str, np.ndarray]]:
+  """(layout, tensors) a .safetensors export holds: "torch" and `torch_state_dict` where the
+  family has an official PyTorch layout, else "flax" and the unscanned params tree flattened
+  (crate_jax.interop.safetensors_io)."""
+  if models.contract(model).torch_layout:
+    return "torch", torch_state_dict(model, params)
+  return "flax", safetensors_io.flatten(models.scan_layout(jax.device_get(params), False))
+
+
+def export_safetensors(checkpoint: str, out: str) -> str:
+  """Write the checkpoint's weights as a .safetensors file (names: safetensors_io's docstring)
+  with the model's name and kwargs in its metadata."""
+  refuse_existing(out)
+  model, params, _ = load(checkpoint)
+  name, kwargs, _ = model_spec(ckpt_lib.read_meta(os.fspath(ckpt_lib.resolve(checkpoint))))
+  layout, tensors = safetensors_tensors(model, params)
+  meta = safetensors_io.metadata(layout, name, kwargs, type(model).__name__)
+  return safetensors_io.write(out, tensors, meta)
 
 
 def forward_fn(model, params):
