@@ -26,7 +26,8 @@ setup(
     extras_require={
         "torch": TORCH,
         "tpu": TPU,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.17,<0.18"],
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.17,<0.18",
+                         "pyyaml>=6"],
     },
     license="Apache-2.0",
 )

@@ -4,6 +4,10 @@
   resolve("v5litepod-8") -> Topology("v5e", (2, 4)):   v5e / v6e names count chips
   resolve("v5e:2x2")     -> jax's own GEN:SHAPE form, as given
   devices(topology)      -> the slice's devices (one per chip), to lower and compile against
+  host_layout(topology)  -> (hosts, chips per host), without libtpu
+  gke("v4-32")           -> what a GKE TPU workload needs (node labels, hosts, chips per host);
+                            `python crate_jax/tpu_topology.py gke v4-32` prints it for
+                            launch/gke/jobset.sh (stdlib only, so any python3 runs it)
 
 The host layout follows Cloud TPU VMs: v5e / v6e slices of up to 8 chips are one host, larger
 ones (and every v4 / v5p slice from 4 chips on) have 4 chips (2x2x1) per host, libtpu's default.
@@ -17,6 +21,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import sys
 
 GIB = 2 ** 30
 # HBM per chip (one jax device), keyed by jax.Device.device_kind.
@@ -35,6 +40,13 @@ CLOUD_CHIPS_2D = (1, 4, 8, 16, 32, 64, 128, 256)
 ACCEPTED = ("Cloud TPU names v4-N and v5p-N (N counts TensorCores: v4-8 = 4 chips, v4-128 = 64 "
             "chips), v5litepod-N (or v5e-N) and v6e-N (N counts chips: v5litepod-16 = 16 chips); "
             "or jax's GEN:SHAPE (v5e:2x2, v6e:2x4, v4:2x2x1, v4:4x4x4, v5p:2x2x1)")
+# GKE's node label cloud.google.com/gke-tpu-accelerator of each generation's TPU slice node pools,
+# and the Cloud TPU name prefix that xpk's --tpu-type takes.
+GKE_ACCELERATORS = {"v4": "tpu-v4-podslice", "v5e": "tpu-v5-lite-podslice",
+                    "v5p": "tpu-v5p-slice", "v6e": "tpu-v6e-slice"}
+CLOUD_PREFIX = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
+GKE_ACCEPTED = ("v4-N and v5p-N (N counts TensorCores: v4-32 = 16 chips), v5litepod-N (or v5e-N) "
+                "and v6e-N (N counts chips: v5litepod-16 = 16 chips)")
 INSTALL = 'the TPU compiler (libtpu) is not installed; install it with: pip install -e ".[tpu]"'
 
 
@@ -157,6 +169,33 @@ def devices(topology: Topology, quiet: bool = True) -> list:
   return list(desc.devices)
 
 
+def host_layout(topology: Topology) -> tuple:
+  """(hosts, chips per host), as Cloud TPU VMs and GKE TPU nodes have them: a slice of up to
+  GENERATIONS' one-host chip count is one host, a larger one has 4 chips per host."""
+  if topology.chips <= GENERATIONS[topology.generation][3]:
+    return 1, topology.chips
+  return topology.chips // 4, 4
+
+
+def gke(name: str) -> dict:
+  """A Cloud TPU slice name (v4-32, v5litepod-16, ...) -> what a GKE TPU workload needs:
+  the node labels gke-tpu-accelerator and gke-tpu-topology, the host count (pods) and the chips
+  per host (google.com/tpu per pod); TopologyError for anything else."""
+  if not re.fullmatch(r"[a-zA-Z0-9]+-\d+", name.strip()):
+    raise TopologyError(f"GKE needs a Cloud TPU slice name, not {name!r}; accepted: {GKE_ACCEPTED}")
+  try:
+    t = resolve(name)
+  except TopologyError as e:  # resolve's message without its jax GEN:SHAPE advice
+    first = str(e).split("; other shapes")[0].split("; accepted")[0]
+    raise TopologyError(f"{first}; accepted on GKE: {GKE_ACCEPTED}") from None
+  hosts_, per_host = host_layout(t)
+  cores = t.chips * GENERATIONS[t.generation][1]
+  return {"accelerator_type": f"{CLOUD_PREFIX[t.generation]}-{cores}",
+          "gke_accelerator": GKE_ACCELERATORS[t.generation],
+          "gke_topology": "x".join(map(str, t.shape)),
+          "chips": t.chips, "hosts": hosts_, "chips_per_host": per_host}
+
+
 def hosts(devs) -> int:
   return len({d.process_index for d in devs})
 
@@ -181,3 +220,23 @@ def _stderr_hidden(quiet: bool):
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+
+
+def main(argv=None) -> int:
+  """`gke NAME`: gke(NAME) as KEY=VALUE lines; bad input: one `error:` line, exit status 2."""
+  argv = sys.argv[1:] if argv is None else argv
+  if len(argv) != 2 or argv[0] != "gke":
+    print("usage: python crate_jax/tpu_topology.py gke ACCELERATOR_TYPE", file=sys.stderr)
+    return 2
+  try:
+    info = gke(argv[1])
+  except TopologyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for key, value in info.items():
+    print(f"{key}={value}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
