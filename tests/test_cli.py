@@ -59,7 +59,7 @@ def _cases(tmp):
       "bench_unknown_model": (["crate_jax.bench", "--tiny", "--models", "crate_gigantic"], {}),
       **{f"{m}_help": ([f"crate_jax.{m}", "--help"], {})
          for m in ("train", "evaluate", "analyze", "convert", "bench", "export", "generate",
-                   "plan")},
+                   "plan", "pretrained")},
   }
 
 
@@ -114,7 +114,7 @@ def test_debug_shows_the_traceback(runs, name, error):
 
 
 @pytest.mark.parametrize("entry", ["train", "evaluate", "analyze", "convert", "bench", "export",
-                                   "generate", "plan"])
+                                   "generate", "plan", "pretrained"])
 def test_help_exits_0(runs, entry):
   r = runs[0][f"{entry}_help"]
   assert r.returncode == 0, r.stderr[-3000:]
