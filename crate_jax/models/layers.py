@@ -236,7 +236,9 @@ def drop_path(module: nn.Module, x: jax.Array, rate) -> jax.Array:
   x / (1 - rate) (rate may be traced, e.g. scanned per layer). Uses the "dropout" rng."""
   keep = 1.0 - rate
   mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  # x's dtype kept: a traced float32 rate would otherwise promote a bf16 residual stream (and
+  # break a scanned stack's carry).
+  return jnp.where(mask, (x / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 def layer_stack(layer_cls, x: jax.Array, *, depth: int, name: str, remat: bool | str = False,
