@@ -13,6 +13,12 @@ TORCH = ["torch==2.13.0"]
 # the compiler `python -m crate_jax.plan` uses to compile for a TPU slice on a CPU-only machine.
 # The TPU images (jax 0.11.x) already ship their jax[tpu]: do not add this extra there.
 TPU = ["jax[tpu]==0.10.2"]
+# benchmarks/input_pipeline.py: scikit-image ships the photographs its JPEG set is made from;
+# torchvision 0.28.0 is the release built against torch 2.13.0, for the comparison (imported only
+# there). Its CPU build: pip install -e ".[bench]" --extra-index-url
+# https://download.pytorch.org/whl/cpu (PyPI's 0.28.0 is the CUDA build, which fails to import
+# next to the CPU torch: "operator torchvision::nms does not exist").
+BENCH = ["scikit-image>=0.26", "torchvision==0.28.0"]
 
 setup(
     name="crate_jax",
@@ -26,8 +32,11 @@ setup(
     extras_require={
         "torch": TORCH,
         "tpu": TPU,
+        "bench": BENCH,
+        # scikit-image: the input benchmark's smoke test (tests/test_input_bench.py) builds its
+        # JPEGs from the sample photographs it ships.
         "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.17,<0.18",
-                         "pyyaml>=6"],
+                         "pyyaml>=6", "scikit-image>=0.26"],
     },
     license="Apache-2.0",
 )

@@ -7,7 +7,14 @@ and collectives.
   python -m crate_jax.plan --config configs/crate_large.py --topology v5p-8 --max-batch --noeval
 
 The steps are the ones `crate_jax.train` runs (train.plan with the slice's devices and hosts, then
-training.program.build); the figures are the compiler's, not a measured TPU speed. Exit status:
+training.program.build); the figures are the compiler's, not a measured TPU speed. It also says what
+the hosts' CPUs must feed: the images/s the chips consume at --mfu (default 0.4) of their bf16 peak,
+per host and per host vCPU; with --input-rate (images/s one vCPU decodes and augments, as
+benchmarks/input_pipeline.py measures it) whether the input pipeline keeps up:
+
+  python -m crate_jax.plan --config configs/crate_base.py --topology v5litepod-8 --input-rate 150
+
+Exit status:
 0 fits, 1 does not fit (one `error:` line naming the chip, bytes needed and capacity), 2 bad
 input (unknown topology, libtpu missing, a batch that does not divide over the slice, ...).
 """
@@ -21,7 +28,7 @@ import re
 import sys
 import time
 
-from crate_jax import cli, tpu_topology
+from crate_jax import cli, plan_input, tpu_topology
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 # An instruction's opcode, e.g. "= f32[8]{0} all-reduce(" or "all-gather-start(": the async
@@ -173,8 +180,10 @@ def eval_figures(config, p, prog) -> dict:
   return out
 
 
-def report(config, slc: Slice, with_eval: bool = True) -> dict:
-  """Everything the planner prints for the config's batch on the slice (JSON-ready)."""
+def report(config, slc: Slice, with_eval: bool = True, mfu: float = 0.4,
+           input_rate: float | None = None) -> dict:
+  """Everything the planner prints for the config's batch on the slice (JSON-ready); "input":
+  input_report at `mfu` (and `input_rate` images/s per host vCPU, if given)."""
   from crate_jax.models import layers
   from crate_jax.training import flops as flops_lib
   chips = len(slc.devices)
@@ -194,6 +203,7 @@ def report(config, slc: Slice, with_eval: bool = True) -> dict:
   # layer's, not comparable with the analytic count of all of them.
   comparable = flops and analytic and not config.model.scan_layers
   out["flops_ratio"] = round(flops / analytic, 4) if comparable else None
+  out["input"] = plan_input.input_report(out, slc, bool(config.model.scan_layers), mfu, input_rate)
   out["eval"] = None   # not compiled: --noeval, or the train step does not fit
   if with_eval and out["fits"]:
     ev = eval_figures(config, p, prog)
@@ -318,6 +328,8 @@ def format_report(r: dict) -> str:
   if r.get("eval"):
     lines += format_step(f"eval step (batch {r['eval']['per_chip_batch']} per chip)", r["eval"],
                          r["hbm_capacity_bytes"])
+  if r.get("input"):
+    lines += plan_input.format_input(r["input"], r["hosts"])
   if "max_batch" in r:
     m = r["max_batch"]
     lines.append(f"largest per-chip batch that fits: {m['per_chip_batch']} "
@@ -357,12 +369,23 @@ def main(argv=None) -> int:
   parser.add_argument("--max-batch", "--max_batch", dest="max_batch", action="store_true",
                       help="also search the largest per-chip batch that fits (a few more "
                            "compiles)")
+  parser.add_argument("--mfu", type=float, default=0.4,
+                      help="model FLOPs utilisation at which the input figures assume the chips "
+                           "run (of their bf16 peak; default 0.4)")
+  parser.add_argument("--input-rate", "--input_rate", dest="input_rate", type=float,
+                      default=None, metavar="IMG_PER_S_PER_VCPU",
+                      help="images/s one host vCPU decodes and augments (e.g. from "
+                           "benchmarks/input_pipeline.py): say whether the hosts keep up")
   f = cli.parse_args(parser, argv)
+  if not 0 < f.mfu <= 1:
+    parser.error(f"--mfu {f.mfu:g} must be in (0, 1]")
+  if f.input_rate is not None and f.input_rate <= 0:
+    parser.error(f"--input-rate {f.input_rate:g} must be > 0")
   jax.config.update("jax_platforms", "cpu")      # the TPU is only a compile target here
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are the report
   slc = Slice.create(f.topology, quiet=not cli.debug_requested(sys.argv[1:] if argv is None
                                                                else argv))
-  r = report(f.config, slc, with_eval=f.eval)
+  r = report(f.config, slc, with_eval=f.eval, mfu=f.mfu, input_rate=f.input_rate)
   if f.max_batch:
     known = {r["per_chip_batch"]: {k: r[k] for k in (*FIGURES, "compile_error")}}
     r["max_batch"] = max_batch(f.config, slc, progress=_progress, known=known)

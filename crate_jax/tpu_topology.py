@@ -5,6 +5,7 @@
   resolve("v5e:2x2")     -> jax's own GEN:SHAPE form, as given
   devices(topology)      -> the slice's devices (one per chip), to lower and compile against
   host_layout(topology)  -> (hosts, chips per host), without libtpu
+  host_vcpus("v5e", 8)   -> a host's vCPUs (HOST_VCPUS; a chip's peak: training/flops.py)
   gke("v4-32")           -> what a GKE TPU workload needs (node labels, hosts, chips per host);
                             `python crate_jax/tpu_topology.py gke v4-32` prints it for
                             launch/gke/jobset.sh (stdlib only, so any python3 runs it)
@@ -34,6 +35,22 @@ GENERATIONS = {
     "v5e": (("v5e", "v5litepod", "v5lite"), 1, 2, 8),
     "v6e": (("v6e",), 1, 2, 8),
 }
+# Per generation, for the planner's input figures: the vCPUs of one host (TPU VM / GKE TPU node)
+# by the chips it holds (the chips' bf16 peaks: crate_jax/training/flops.py PEAK_FLOPS). Sources:
+# the machine types on the Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4,
+# /v5e, /v5p, /v6e) and GKE's "Plan TPUs in GKE"
+# (cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus):
+#   v4   ct4p-hightpu-4t: 4 chips, 240 vCPUs, 407 GB RAM
+#   v5e  ct5lp-hightpu-1t / -4t / -8t: 1 / 4 / 8 chips, 24 / 112 / 224 vCPUs (48 / 192 / 384 GB);
+#        slices of 16+ chips are 4-chip hosts
+#   v5p  ct5p-hightpu-4t: 4 chips, 208 vCPUs, 448 GB RAM
+#   v6e  ct6e-standard-1t / -4t / -8t: 1 / 4 / 8 chips, 44 / 180 / 180 vCPUs (448 / 720 / 1440 GB);
+#        slices of 16+ chips are 4-chip hosts
+# The v5e and v6e host figures were checked against those pages when this table was written; the
+# v4 (240) and v5p (208) vCPU counts are quoted from the same docs from memory, not re-checked.
+# A host shape not listed (e.g. a 2-chip v5e:1x2) has no vCPU figure (None).
+HOST_VCPUS = {"v4": {4: 240}, "v5p": {4: 208}, "v5e": {1: 24, 4: 112, 8: 224},
+              "v6e": {1: 44, 4: 180, 8: 180}}
 # Chips of the Cloud TPU slice sizes (per generation family: 3-D tori, 2-D meshes).
 CLOUD_CHIPS_3D = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CLOUD_CHIPS_2D = (1, 4, 8, 16, 32, 64, 128, 256)
@@ -194,6 +211,12 @@ def gke(name: str) -> dict:
           "gke_accelerator": GKE_ACCELERATORS[t.generation],
           "gke_topology": "x".join(map(str, t.shape)),
           "chips": t.chips, "hosts": hosts_, "chips_per_host": per_host}
+
+
+def host_vcpus(generation: str, chips_per_host: int) -> int | None:
+  """vCPUs of a TPU host holding `chips_per_host` chips of the generation (HOST_VCPUS); None if
+  not known."""
+  return HOST_VCPUS[generation].get(chips_per_host)
 
 
 def hosts(devs) -> int:

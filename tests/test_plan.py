@@ -11,7 +11,7 @@ import sys
 import ml_collections
 import pytest
 
-from crate_jax import plan, tpu_topology
+from crate_jax import plan, plan_input, tpu_topology
 from crate_jax.models import layers
 from tests.helpers import EMBEDDED, ROOT
 
@@ -109,6 +109,56 @@ def test_max_batch_search_is_short(monkeypatch):
   assert m["per_chip_batch"] % 8 == 0 and m["compiles"] <= 5
 
 
+def test_input_figures_arithmetic():
+  """1 TFLOP per chip per step at 50% of 200 TFLOP/s: 10 ms a step; batch 512 on 8 chips and 2
+  hosts -> 51,200 img/s, 25,600 per host, 200 per vCPU of 128."""
+  f = plan_input.input_figures(1e12, 512, hosts=2, chips=8, peak_flops=200e12, mfu=0.5,
+                         vcpus_per_host=128)
+  assert f["step_s"] == pytest.approx(0.01)
+  assert f["images_per_s"] == pytest.approx(51_200)
+  assert f["images_per_s_per_chip"] == pytest.approx(6_400)
+  assert f["images_per_s_per_host"] == pytest.approx(25_600)
+  assert f["images_per_s_per_vcpu"] == pytest.approx(200)
+  assert f["input_bound"] is None and f["vcpus_needed"] is None
+  # 160 img/s per vCPU: 20,480 supplied of 25,600 -> 1.25x short, 40% MFU at most, 160 vCPUs.
+  slow = plan_input.input_figures(1e12, 512, 2, 8, 200e12, 0.5, 128, input_rate=160)
+  assert slow["input_bound"] is True
+  assert slow["host_supply_images_per_s"] == pytest.approx(20_480)
+  assert slow["input_ratio"] == pytest.approx(1.25)
+  assert slow["mfu_input_allows"] == pytest.approx(0.4)
+  assert slow["vcpus_needed"] == pytest.approx(160)
+  fast = plan_input.input_figures(1e12, 512, 2, 8, 200e12, 0.5, 128, input_rate=250)
+  assert fast["input_bound"] is False and fast["input_ratio"] == pytest.approx(0.8)
+  assert fast["mfu_input_allows"] == pytest.approx(0.5)
+  unknown = plan_input.input_figures(1e12, 512, 2, 8, 200e12, 0.5, None, input_rate=160)
+  assert unknown["images_per_s_per_vcpu"] is None and unknown["input_bound"] is None
+  assert unknown["vcpus_needed"] == pytest.approx(160)
+  text = "\n".join(plan_input.format_input(dict(slow, flops_source="compiled"), hosts=2))
+  assert "INPUT-BOUND" in text and "1.25x short" in text and "40% MFU" in text
+  assert "keeps up" in "\n".join(plan_input.format_input(dict(fast, flops_source="compiled"), 2))
+
+
+def test_input_report_uses_the_slice_hosts_and_the_chip_table():
+  """v5litepod-16: 4 hosts of 4 chips (112 vCPUs each), 197 TFLOP/s; a scanned stack's
+  compiled FLOPs are one layer's, so the analytic count is used."""
+  slc = plan.Slice(tpu_topology.resolve("v5litepod-16"), [None] * 16, 4, "TPU v5 lite", 16 * GIB)
+  r = {"flops_per_chip": 1e9, "analytic_flops_per_chip": 4e12, "global_batch": 1024}
+  f = plan_input.input_report(r, slc, scanned=True, mfu=0.4, input_rate=None)
+  assert (f["flops_source"], f["vcpus_per_host"], f["peak_flops_per_chip"]) == (
+      "analytic", 112, 197e12)
+  assert f["images_per_s_per_host"] == pytest.approx(1024 / (4e12 / (0.4 * 197e12)) / 4)
+  unrolled = plan_input.input_report(r, slc, scanned=False, mfu=0.4, input_rate=None)
+  assert unrolled["flops_source"] == "compiled"
+  assert plan_input.input_report({"flops_per_chip": None, "analytic_flops_per_chip": None}, slc,
+                           False, 0.4, None) is None
+
+
+def test_host_vcpus_of_the_cloud_machine_types():
+  assert [tpu_topology.host_vcpus(g, c) for g, c in [("v4", 4), ("v5p", 4), ("v5e", 8),
+                                                     ("v5e", 4), ("v6e", 8), ("v5e", 2)]] == [
+      240, 208, 224, 112, 180, None]
+
+
 def run_plan(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "crate_jax.plan", "--config", EMBEDDED, *MODEL,
@@ -126,7 +176,8 @@ def test_plan_compiles_train_and_eval_step_for_a_tpu_slice():
   measured 1.048x at this width (17 tokens of 128 features), about 1.01x for CRATE-B. Hence
   [1.0, 1.12]: a matmul counted twice or missed (2x / 0.5x) fails it.
   """
-  proc = run_plan("--topology", "v5e:2x2", "--config.batch_size=64", "--json")
+  proc = run_plan("--topology", "v5e:2x2", "--config.batch_size=64", "--json",
+                  "--input-rate", "50")
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout)
   assert (r["chips"], r["hosts"], r["chip_kind"], r["per_chip_batch"]) == (4, 1, "TPU v5 lite",
@@ -140,6 +191,13 @@ def test_plan_compiles_train_and_eval_step_for_a_tpu_slice():
   assert r["eval"]["fits"] and r["eval"]["flops_per_chip"] > 0
   assert r["compile_s"] > 0
   assert (r["remat"], r["scan_layers"]) == ("none", False)
+  # The input figures from the same compile: 64 images per step at 40% of 197 TFLOP/s, one host
+  # of 4 chips (112 vCPUs), 50 img/s per vCPU.
+  f = r["input"]
+  assert (f["mfu"], f["flops_source"], f["vcpus_per_host"]) == (0.4, "compiled", 112)
+  assert f["step_s"] == pytest.approx(r["flops_per_chip"] / (0.4 * 197e12))
+  assert f["images_per_s_per_host"] == pytest.approx(64 / f["step_s"])
+  assert f["input_bound"] == (f["images_per_s_per_host"] > 50 * 112)
 
 
 @needs_libtpu

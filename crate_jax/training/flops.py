@@ -15,7 +15,12 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device=None) -> float | None:
-  kind = (device or jax.devices()[0]).device_kind
+  """The dense bf16 peak FLOP/s of `device` (default: the first), None if not in PEAK_FLOPS."""
+  return peak_flops_of_kind((device or jax.devices()[0]).device_kind)
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+  """PEAK_FLOPS of a device kind ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...)."""
   for key, value in PEAK_FLOPS.items():
     if key.lower() in kind.lower():
       return value
