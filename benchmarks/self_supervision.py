@@ -83,6 +83,14 @@ def table(out: str) -> str:
       times = [r["train_s"] for r in rs if r["train_s"] and not suffix]
       seconds = f"{np.mean(times):.0f}" if times else ""
       lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + f" | {seconds} |")
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  newest = {(r["run"], r["seed"]): r for r in rows}
+  for run in runs[1:]:   # paired by seed (same backbone init and batches) against the first run
+    seeds = sorted(s for (r, s) in newest if r == run and (runs[0], s) in newest)
+    for k in ("knn", "linear"):
+      diffs = [100 * (newest[(run, s)][k] - newest[(runs[0], s)][k]) for s in seeds]
+      lines.append(f"{run} - {runs[0]}, {k}, per seed {seeds}: "
+                   + ", ".join(f"{d:+.1f}" for d in diffs) + f" (mean {np.mean(diffs):+.1f})")
   return "\n".join(lines)
 
 
