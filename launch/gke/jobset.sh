@@ -102,30 +102,9 @@ CHIPS_PER_HOST=0
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
 die() { printf 'jobset.sh: error: %s\n' "$*" >&2; exit 2; }
 warn() { printf 'jobset.sh: warning: %s\n' "$*" >&2; }
+# shellcheck disable=SC1091  # checked on its own
+. "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-# Quote words so that the printed line, pasted into a shell, runs exactly these words.
-shell_quote() {
-  local out="" w q="'\\''"
-  for w in "$@"; do
-    if [[ -n $w && $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+="$w "
-    else
-      out+="'${w//\'/$q}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-# Trace lines go to stdout in a dry run (that is the output) and to stderr otherwise.
-trace() {
-  if ((DRY_RUN)); then printf '%s\n' "$*"; else printf '%s\n' "$*" >&2; fi
-}
-note() { trace "# $*"; }
-run() {
-  trace "+ $(shell_quote "$@")"
-  ((DRY_RUN)) && return 0
-  "$@"
-}
 # $1: text fed to the command's stdin; the rest: the command. Printed as a quoted here-document.
 run_with_stdin() {
   local text=$1
@@ -135,14 +114,6 @@ run_with_stdin() {
   trace "$HEREDOC_END"
   ((DRY_RUN)) && return 0
   printf '%s\n' "$text" | "$@"
-}
-
-is_true() {
-  case $1 in
-    1 | true | TRUE | True | yes | YES | on) return 0 ;;
-    0 | false | FALSE | False | no | NO | off | "") return 1 ;;
-    *) die "expected a boolean (1/0/true/false), got '$1'" ;;
-  esac
 }
 
 set_option() {  # $1: flag, $2: value
@@ -199,10 +170,6 @@ parse_args() {
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-require() {  # $1: variable name, $2: flag
-  [[ -n ${!1} ]] || die "$1 is not set (pass $2 or export $1=...)"
-}
 
 check_name() {
   local cfg_file=${CONFIG%%:*} default

@@ -34,13 +34,8 @@ DRY_RUN=${DRY_RUN:-0}
 TRAIN_EXTRA=()
 
 die() { printf 'multinode.sh: error: %s\n' "$*" >&2; exit 2; }
-shell_quote() {
-  local out="" w q="'\\''"
-  for w in "$@"; do
-    if [[ -n $w && $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+="$w "; else out+="'${w//\'/$q}' "; fi
-  done
-  printf '%s' "${out% }"
-}
+# shellcheck disable=SC1091  # checked on its own
+. "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 set_option() {
   case $1 in

@@ -85,38 +85,8 @@ REGIONS_CHECKED=0
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; }
 die() { printf 'pod.sh: error: %s\n' "$*" >&2; exit 2; }
 warn() { printf 'pod.sh: warning: %s\n' "$*" >&2; }
-
-# Quote words so that the printed line, pasted into a shell, runs exactly these words.
-shell_quote() {
-  local out="" w q="'\\''"
-  for w in "$@"; do
-    if [[ -n $w && $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      out+="$w "
-    else
-      out+="'${w//\'/$q}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
-# Trace lines go to stdout in a dry run (that is the output) and to stderr otherwise.
-trace() {
-  if ((DRY_RUN)); then printf '%s\n' "$*"; else printf '%s\n' "$*" >&2; fi
-}
-note() { trace "# $*"; }
-run() {
-  trace "+ $(shell_quote "$@")"
-  ((DRY_RUN)) && return 0
-  "$@"
-}
-
-is_true() {
-  case $1 in
-    1 | true | TRUE | True | yes | YES | on) return 0 ;;
-    0 | false | FALSE | False | no | NO | off | "") return 1 ;;
-    *) die "expected a boolean (1/0/true/false), got '$1'" ;;
-  esac
-}
+# shellcheck disable=SC1091  # checked on its own
+. "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 set_option() {  # $1: flag, $2: value
   case $1 in
@@ -169,10 +139,6 @@ parse_args() {
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-require() {  # $1: variable name, $2: flag
-  [[ -n ${!1} ]] || die "$1 is not set (pass $2 or export $1=...)"
-}
 
 check_common() {
   require PROJECT --project
