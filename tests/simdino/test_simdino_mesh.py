@@ -25,7 +25,8 @@ BATCH = 16
 def setup():
   config = config_lib.load_config(
       os.path.join(ROOT, "configs", "simdino_embedded.py"),
-      **{"model.kwargs": dict(TINY_ARCH, patch_size=4, interpolate_pos=True, pool="mean"),
+      **{"model.kwargs": dict(TINY_ARCH, patch_size=4, depth=1, interpolate_pos=True,
+                              pool="mean"),
          "simdino.z_dim": 8, "simdino.hidden_dim": 32, "batch_size": BATCH,
          "data.multicrop.num_local": 1, "data.multicrop.local_size": 12,
          "mesh.fsdp_min_size": 64})
