@@ -39,3 +39,26 @@ is_true() {
 require() {  # $1: variable name, $2: flag
   [[ -n ${!1} ]] || die "$1 is not set (pass $2 or export $1=...)"
 }
+
+# BUCKET without a trailing slash; it must be a Cloud Storage bucket URL.
+check_bucket_url() {
+  BUCKET=${BUCKET%/}
+  local bucket_re='^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$'
+  [[ $BUCKET =~ $bucket_re ]] ||
+    die "BUCKET must be a Cloud Storage bucket URL such as gs://my-bucket (got '$BUCKET')"
+}
+
+# WORKDIR: the one given, else BUCKET/workdirs/<config file name>, without a trailing slash; it
+# must be on gs:// ($1 ends the refusal: "WORKDIR must be a gs:// path that $1").
+default_workdir() {
+  local cfg_file=${CONFIG%%:*}
+  local cfg_name=${cfg_file##*/}
+  WORKDIR=${WORKDIR:-$BUCKET/workdirs/${cfg_name%.py}}
+  [[ $WORKDIR == gs://?* ]] || die "WORKDIR must be a gs:// path that $1 (got '$WORKDIR')"
+  WORKDIR=${WORKDIR%/}
+}
+
+bucket_of() {  # gs://b/some/path -> gs://b
+  local rest=${1#gs://}
+  printf 'gs://%s' "${rest%%/*}"
+}

@@ -223,22 +223,12 @@ check_job_params() {
     warn "$cfg_file is not in this checkout ($REPO_ROOT); the image must have it"
   fi
   if [[ -n $BUCKET ]]; then
-    BUCKET=${BUCKET%/}
-    local bucket_re='^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$'
-    [[ $BUCKET =~ $bucket_re ]] ||
-      die "BUCKET must be a Cloud Storage bucket URL such as gs://my-bucket (got '$BUCKET')"
+    check_bucket_url
   elif [[ -z $WORKDIR ]]; then
     die "BUCKET is not set (pass --bucket gs://NAME or export BUCKET=..., or give --workdir gs://...)"
   fi
-  local cfg_name=${cfg_file##*/}
-  WORKDIR=${WORKDIR:-$BUCKET/workdirs/${cfg_name%.py}}
-  [[ $WORKDIR == gs://?* ]] ||
-    die "WORKDIR must be a gs:// path that every pod shares and that outlives them (got '$WORKDIR')"
-  WORKDIR=${WORKDIR%/}
-  if [[ -z $TFDS_DATA_DIR ]]; then
-    local rest=${WORKDIR#gs://}
-    TFDS_DATA_DIR=${BUCKET:-gs://${rest%%/*}}/tfds
-  fi
+  default_workdir "every pod shares and that outlives them"
+  TFDS_DATA_DIR=${TFDS_DATA_DIR:-${BUCKET:-$(bucket_of "$WORKDIR")}/tfds}
   [[ $TFDS_DATA_DIR == gs://?* ]] ||
     warn "TFDS_DATA_DIR '$TFDS_DATA_DIR' is not gs://: every pod must have the data at that path"
   local int_re='^[0-9]+$'

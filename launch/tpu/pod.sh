@@ -157,10 +157,7 @@ check_common() {
 
 check_bucket() {
   require BUCKET --bucket
-  BUCKET=${BUCKET%/}
-  local bucket_re='^gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$'
-  [[ $BUCKET =~ $bucket_re ]] ||
-    die "BUCKET must be a Cloud Storage bucket URL such as gs://my-bucket (got '$BUCKET')"
+  check_bucket_url
 }
 
 check_accelerator() {
@@ -199,20 +196,11 @@ check_run_params() {
   if [[ -z $GIT_URL && ! -f $REPO_ROOT/$cfg_file ]]; then
     warn "$cfg_file is not in this checkout ($REPO_ROOT)"
   fi
-  local cfg_name=${cfg_file##*/}
-  WORKDIR=${WORKDIR:-$BUCKET/workdirs/${cfg_name%.py}}
-  [[ $WORKDIR == gs://?* ]] ||
-    die "WORKDIR must be a gs:// path that every worker shares and that survives the VMs (got '$WORKDIR')"
-  WORKDIR=${WORKDIR%/}
+  default_workdir "every worker shares and that survives the VMs"
   TFDS_DATA_DIR=${TFDS_DATA_DIR:-$BUCKET/tfds}
   if [[ $TFDS_DATA_DIR != gs://?* ]]; then
     warn "TFDS_DATA_DIR '$TFDS_DATA_DIR' is not gs://: every worker must have the data at that path"
   fi
-}
-
-bucket_of() {  # gs://b/some/path -> gs://b
-  local rest=${1#gs://}
-  printf 'gs://%s' "${rest%%/*}"
 }
 
 # Every bucket the job reads or writes must be in the TPU's region: reading ImageNet across regions
