@@ -34,3 +34,21 @@ def losses(workdir):
 def final_params(workdir):
   from crate_jax.training import checkpoint as ckpt_lib
   return ckpt_lib.load_params(workdir)[0]
+
+
+def preempt_at(step: int):
+  """A train_and_evaluate callback that sends this process SIGTERM after `step` (a preemption:
+  the loop saves that step and exits)."""
+  import signal
+
+  def callback(s, state):
+    if s == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+  return callback
+
+
+def latest_state(workdir):
+  """The latest saved train state of a run, as host numpy arrays."""
+  from crate_jax.training import checkpoint as ckpt_lib
+  with ckpt_lib.open_checkpoint(workdir) as (reader, step):
+    return reader.restore_host(step)[0]

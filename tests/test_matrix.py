@@ -9,7 +9,6 @@ table says, per cell, None (works) or the refusal's text.
 import dataclasses
 import functools
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from crate_jax import cli, config_lib, setups
-from tests.helpers import ROOT, TINY_ARCH
+from tests.helpers import ROOT, TINY_ARCH, preempt_at
 
 COMMANDS = ("train", "resume", "whitebox", "evaluate", "knn", "linear", "analyze", "segment",
             "export_torch", "export_stablehlo", "generate", "plan")
@@ -134,12 +133,8 @@ class Context:
     "resume" cell trains its last step with the same program (the compilation cache serves it)."""
     if self._trained is None:
       from crate_jax import train
-
-      def preempt(step, state):
-        if step == 2:
-          os.kill(os.getpid(), signal.SIGTERM)
       self._trained = train.train_and_evaluate(self.run_config(), self.workdir,
-                                               callbacks=[preempt])
+                                               callbacks=[preempt_at(2)])
     return self._trained
 
 

@@ -3,7 +3,6 @@
 configs rejected before compiling, and a run interrupted by SIGTERM that resumes to exactly the
 uninterrupted student, teacher and centre."""
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from crate_jax.data import multicrop
 from crate_jax.models import posemb
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training.tasks import dino as dino_task
-from tests.helpers import ROOT, TINY_ARCH
+from tests.helpers import ROOT, TINY_ARCH, latest_state, preempt_at
 
 DINO_EMBEDDED = os.path.join(ROOT, "configs", "crate_dino_embedded.py")
 
@@ -89,11 +88,6 @@ def test_bad_dino_config_fails_before_compiling(tmp_path, data_dir, key, value, 
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def _state(workdir):
-  with ckpt_lib.open_checkpoint(workdir) as (reader, step):
-    return reader.restore_host(step)[0]
-
-
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory, data_dir):
   """(config, workdir) of one uninterrupted tiny DINO run, shared by the tests below."""
@@ -106,15 +100,11 @@ def whole_run(tmp_path_factory, data_dir):
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
   cfg, whole = whole_run
 
-  def preempt(step, state):
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-
   split = str(tmp_path / "split")
-  train.train_and_evaluate(cfg, split, callbacks=[preempt])
+  train.train_and_evaluate(cfg, split, callbacks=[preempt_at(1)])
   assert ckpt_lib.Checkpoints(split).all_steps() == [1]
   train.train_and_evaluate(cfg, split)
-  a, b = _state(whole), _state(split)
+  a, b = latest_state(whole), latest_state(split)
   for key in ("params", "task_state", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
   teacher, centre = a["task_state"]["teacher"], a["task_state"]["centre"]
@@ -144,7 +134,7 @@ def test_segmentation_scores_the_teacher(tmp_path, whole_run):
   the projection head) and scores it per layer and method beside random init and baselines."""
   from crate_jax import analyze, analyze_segment
   cfg, whole = whole_run
-  state = _state(whole)
+  state = latest_state(whole)
   model = analyze.build_model(cfg, 28)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 3)))["params"]
   params, _, weights = analyze.checkpoint_params(cfg, model, abstract, whole)

@@ -3,7 +3,6 @@ resumes to exactly the uninterrupted student and teacher; the probes and analyze
 teacher's backbone; every backbone family trains a step; bad input fails in one line before
 compiling, and nothing saved is touched."""
 import os
-import signal
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from crate_jax import analysis, config_lib, evaluate, models, setups, train
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import metrics, tasks
-from tests.helpers import ROOT, TINY_ARCH
+from tests.helpers import ROOT, TINY_ARCH, latest_state, preempt_at
 
 SIMDINO = os.path.join(ROOT, "configs", "simdino_embedded.py")
 DINO = os.path.join(ROOT, "configs", "crate_dino_embedded.py")
@@ -37,11 +36,6 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-def _state(workdir):
-  with ckpt_lib.open_checkpoint(workdir) as (reader, step):
-    return reader.restore_host(step)[0]
-
-
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory, data_dir):
   cfg = simdino_tiny(data_dir)
@@ -53,15 +47,11 @@ def whole_run(tmp_path_factory, data_dir):
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
   cfg, whole = whole_run
 
-  def preempt(step, state):
-    if step == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
-
   split = str(tmp_path / "split")
-  train.train_and_evaluate(cfg, split, callbacks=[preempt])
+  train.train_and_evaluate(cfg, split, callbacks=[preempt_at(1)])
   assert ckpt_lib.Checkpoints(split).all_steps() == [1]
   train.train_and_evaluate(cfg, split)
-  a, b = _state(whole), _state(split)
+  a, b = latest_state(whole), latest_state(split)
   for key in ("params", "task_state", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
   assert set(a["task_state"]) == {"teacher"}                 # no centre
@@ -80,7 +70,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, whole_run):
 
 def test_probes_and_analyze_read_the_teacher(whole_run):
   cfg, whole = whole_run
-  state = _state(whole)
+  state = latest_state(whole)
   model = models.from_config(cfg)
   abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 3)))["params"]
   params, _, weights = analysis.checkpoint_params(cfg, model, abstract, whole)

@@ -2,7 +2,6 @@
 SIGTERM, NaN guard, bad configs, and a 2-process multi-host run on loopback."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import train
-from tests.helpers import ROOT, final_params, losses, tiny_config, xla_flags
+from tests.helpers import ROOT, final_params, losses, preempt_at, tiny_config, xla_flags
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -46,11 +45,7 @@ def test_sigterm_saves_and_exits_cleanly_in_a_relative_workdir(tmp_path, data_di
   cfg = tiny_config(data_dir, checkpoint_every_steps=100)
   workdir = os.path.join("w", "run")
 
-  def preempt(step, state):
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  train.train_and_evaluate(cfg, workdir, callbacks=[preempt])
+  train.train_and_evaluate(cfg, workdir, callbacks=[preempt_at(3)])
   assert ckpt_lib.Checkpoints("w/run").all_steps() == [3]
   assert ckpt_lib.load_params("w/run")[1]["step"] == 3
   train.train_and_evaluate(cfg, workdir)  # the same command resumes and finishes
