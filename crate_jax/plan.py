@@ -185,11 +185,10 @@ def report(config, slc: Slice, with_eval: bool = True, mfu: float = 0.4,
   """Everything the planner prints for the config's batch on the slice (JSON-ready); "input":
   input_report at `mfu` (and `input_rate` images/s per host vCPU, if given)."""
   from crate_jax.models import layers
-  from crate_jax.training import flops as flops_lib
   chips = len(slc.devices)
   train, (p, prog) = train_figures(config, slc)
   per_chip = config.batch_size // chips
-  per_example = flops_lib.train_flops_per_example(p.model)
+  per_example = prog.task.train_flops_per_example(p.model, config)
   analytic = None if per_example is None else per_example * per_chip
   out = {"topology": slc.topology.name, "jax_topology": slc.topology.jax_name, "chips": chips,
          "hosts": slc.hosts, "chip_kind": slc.chip_kind, "model": config.model.name,

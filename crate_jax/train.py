@@ -24,7 +24,6 @@ from crate_jax import data as data_lib
 from crate_jax import setups
 from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax.training import evaluation, hooks, program, setup, tasks
-from crate_jax.training import flops as flops_lib
 from crate_jax.training import lock as lock_lib
 from crate_jax.training import metrics as metrics_lib
 from crate_jax.training import watchdog as watchdog_lib
@@ -109,7 +108,7 @@ def _train(config, p: setup.Plan, workdir: str, callbacks) -> dict:
   writer = metrics_lib.create_writer(workdir, total_steps=p.total_steps)
   from clu import periodic_actions
   throughput = metrics_lib.Throughput(config.batch_size,
-                                      flops_lib.train_flops_per_example(p.model),
+                                      task.train_flops_per_example(p.model, config),
                                       tokens_per_example=(int(config.data.seq_len)
                                                           if task.reads_tokens(config) else None))
   step_hooks = [throughput]  # the one speed measurement; its clock starts once step 1 has compiled

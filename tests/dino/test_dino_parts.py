@@ -129,3 +129,28 @@ def test_dino_weights_are_the_teacher_backbone_also_in_old_checkpoints():
   cfg.eval_ema = False
   params, what = task.weights(cfg, new)
   assert what == "student" and set(params) == {"layer_0"} and params["layer_0"][0] == 0
+
+
+def test_train_flops_count_every_view():
+  """The multi-crop tasks' FLOPs per example (throughput MFU, the planner's analytic count): the
+  student's forward + backward of every view and the teacher's forward of the global ones. It
+  stays near the compiled train step's count (CPU cost analysis; elementwise work is not in the
+  analytic one), where one image's forward + backward is 3x short."""
+  import os
+  from crate_jax import config_lib, models
+  from crate_jax.training import program, sharding, tasks
+  from tests.helpers import ROOT, TINY_ARCH
+  cfg = config_lib.load_config(
+      os.path.join(ROOT, "configs", "crate_dino_embedded.py"),
+      **{"model.kwargs": dict(TINY_ARCH, patch_size=4, interpolate_pos=True, pool="mean",
+                              dim=64, dim_head=32),
+         "dino.out_dim": 16, "dino.hidden_dim": 32, "dino.bottleneck_dim": 8, "batch_size": 8,
+         "data.multicrop.num_local": 2, "data.multicrop.local_size": 16})
+  model = models.from_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+  prog = program.build(cfg, model, mesh, total_steps=10, steps_per_epoch=10)
+  compiled = prog.train_step.lower(prog.abstract_state, prog.abstract_batch(cfg, 8)).compile()
+  per_example = compiled.cost_analysis()["flops"] / 8
+  counted = tasks.of(cfg).train_flops_per_example(model, cfg)
+  assert 0.9 < per_example / counted < 1.3, (per_example, counted)
+  assert per_example / (3 * models.forward_flops(model)) > 2.5

@@ -73,6 +73,13 @@ class Task:
     """(params as `weights(..., for_eval_step=True)` gives them, batch) -> clu metrics."""
     raise NotImplementedError
 
+  def train_flops_per_example(self, model, config) -> float | None:
+    """FLOPs of one example's train step (the throughput's TFLOP/s and MFU, the planner's
+    analytic count): the model's forward + backward, 3x its forward count; None if the family
+    cannot tell."""
+    from crate_jax.training import flops
+    return flops.train_flops_per_example(model)
+
   def derived_metrics(self, metrics: dict) -> dict:
     """Metrics computed from the averaged eval metrics (e.g. perplexity)."""
     return {}

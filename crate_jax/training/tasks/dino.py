@@ -172,6 +172,18 @@ class DINO(base.Task):
             "local": jax.ShapeDtypeStruct((batch_size, int(m.num_local), l, l, 3), jnp.float32),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
+  def train_flops_per_example(self, model, config):
+    """Per example: the student's forward + backward of the 2 global and N local views and the
+    teacher's forward of the 2 global ones, 3 (2 F_g + N F_l) + 2 F_g, with F the backbone's
+    forward count at the view's size (the projection head not counted). DINO and SimDINO."""
+    m = config.data.multicrop
+    n_local = int(m.num_local)
+    f_global = family.forward_flops(model)
+    f_local = family.forward_flops(model.clone(image_size=int(m.local_size))) if n_local else 0.0
+    if f_global is None or f_local is None:
+      return None
+    return 3.0 * (2 * f_global + n_local * f_local) + 2 * f_global
+
   def init_state(self, model, tx, config, input_shape):
     return create_state(model, make_head(config), tx, input_shape, config.seed)
 
