@@ -48,19 +48,20 @@ def _uniform(key, lo=0.0, hi=1.0, shape=()):
 
 def _grey(image):
   """ITU-R 601 luma repeated to 3 channels (float image in [0, 1])."""
-  return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+  return preprocess.channel_mix(image, preprocess.grey_mix(0.0))
 
 
 def colour_jitter(image, key, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
   """Float [0, 1] image: x * b, then contrast about the grey mean by c, saturation s, hue shift h;
-  b, c, s ~ U(1 - v, 1 + v), h ~ U(-hue, hue); clipped to [0, 1] after each."""
+  b, c, s ~ U(1 - v, 1 + v), h ~ U(-hue, hue); clipped to [0, 1] after each. (Per-channel maths
+  through preprocess.channel_mix: see preprocess.normalize on speed.)"""
   kb, kc, ks, kh = tf.unstack(tf.random.experimental.stateless_split(key, 4))
   clip = lambda x: tf.clip_by_value(x, 0.0, 1.0)
   image = clip(image * _uniform(kb, 1 - brightness, 1 + brightness))
-  mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+  mean = preprocess.grey_mean(image)
   image = clip(mean + (image - mean) * _uniform(kc, 1 - contrast, 1 + contrast))
-  image = clip(_grey(image) + (image - _grey(image)) * _uniform(ks, 1 - saturation,
-                                                                 1 + saturation))
+  s = _uniform(ks, 1 - saturation, 1 + saturation)
+  image = clip(preprocess.channel_mix(image, preprocess.grey_mix(s)))
   return clip(tf.image.adjust_hue(image, _uniform(kh, -hue, hue)))
 
 
@@ -77,8 +78,9 @@ def gaussian_blur(image, sigma, radius: int):
 
 
 def solarize(image):
-  """x -> 1 - x where x >= 1/2 (PIL's solarise at threshold 128)."""
-  return tf.where(image >= 0.5, 1.0 - image, image)
+  """x -> 1 - x where x >= 1/2 (PIL's solarise at threshold 128), as x + [x >= 1/2] (1 - 2 x)
+  (a tf.where over the image is 4x slower on a CPU)."""
+  return image + tf.cast(image >= 0.5, tf.float32) * (1.0 - 2.0 * image)
 
 
 def _maybe(key, p: float, fn, image):
