@@ -38,7 +38,6 @@ comparison, torchvision matching the installed torch (see TORCHVISION_HINT).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -53,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # its sibling m
 
 import jpeg_set  # noqa: E402
 import torchvision_pipeline  # noqa: E402
+from pipeline_timing import Setup, Timer, cpu_model  # noqa: E402
 from crate_jax import config_lib  # noqa: E402
 from crate_jax import data  # noqa: E402
 
@@ -64,65 +64,12 @@ CASES = JPEG_CASES + SYNTHETIC_CASES
 LABELS = {"plain": "plain (RRC + flip)", "randaug_mix": "RandAugment(2,9) + mixup/cutmix",
           "dino_multicrop": "DINO multi-crop 2x224 + {n}x96", "eval": "eval (resize + centre crop)"}
 DEFAULT_CACHE = os.path.join(ROOT, "workdirs", "bench_jpegs")
-TORCHVISION_HINT = ("install the torchvision build that matches torch (torch 2.13.0 CPU -> "
-                    "torchvision 0.28.0 CPU): pip install -e \".[bench]\" --extra-index-url "
-                    "https://download.pytorch.org/whl/cpu")
+TORCHVISION_HINT = ("torchvision must import beside the installed torch, here or in a venv of its "
+                    "own given as --torchvision-python (on x86_64 Python 3.11: python -m venv "
+                    ".tv && .tv/bin/pip install torch==2.14.1 torchvision==0.29.1 pillow)")
 
 
 # ------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform
-  return platform.processor() or "unknown CPU"
-
-
-class Timer:
-  """Times --batches batches (or --seconds) after the warm-up, one by one.
-
-  next_batch() -> (images, first of an epoch?). A batch that starts an epoch (a pass, for eval)
-  includes the pipeline's restart: crate_jax builds a new tf.data pipeline per epoch, a DataLoader
-  starts a new pass of its workers. On a set of a few thousand images that happens every few
-  batches, on ImageNet once in ~10^4 batches per host: so the rate reported is the steady one,
-  over the other batches, and the restart is reported apart (extra seconds per epoch).
-  """
-
-  def __init__(self, batches: int, seconds: float | None):
-    self.batches, self.seconds = batches, seconds
-
-  def run(self, next_batch, warmup: int) -> dict:
-    start = time.perf_counter()
-    next_batch()
-    out = {"first_s": time.perf_counter() - start}
-    for _ in range(warmup):
-      next_batch()
-    steady, restarts = [], []   # (images, seconds)
-    begin = time.perf_counter()
-    while True:
-      t = time.perf_counter()
-      images, new_epoch = next_batch()
-      (restarts if new_epoch else steady).append((images, time.perf_counter() - t))
-      elapsed = time.perf_counter() - begin
-      done = len(steady) + len(restarts)
-      if (elapsed >= self.seconds) if self.seconds else (done >= self.batches):
-        break
-    total = steady + restarts
-    out["img_s_overall"] = sum(n for n, _ in total) / elapsed
-    out["img_s"] = (sum(n for n, _ in steady) / sum(t for _, t in steady) if steady
-                    else out["img_s_overall"])
-    out["batches"], out["epoch_starts"] = len(total), len(restarts)
-    out["restart_s"] = None
-    if steady and restarts:   # the time a first batch takes beyond a steady one
-      per_batch = sum(t for _, t in steady) / len(steady)
-      out["restart_s"] = max(0.0, sum(t for _, t in restarts) / len(restarts) - per_batch)
-    return out
-
-
 # ------------------------------------------------------------------------------ crate_jax
 def crate_data_cfg(case: str, root: str, classes: int, num_local: int | None = None):
   """config.data of the recipe, pointed at the image folder (num_local: DINO's local crops, when
@@ -148,19 +95,6 @@ def _check_shapes(case: str, batch: dict, b: int, cfg) -> None:
   else:
     assert batch["image"].shape == (b, size, size, 3), batch["image"].shape
     assert batch["labels"].shape == (b, cfg.num_classes)
-
-
-@dataclasses.dataclass
-class Setup:
-  """What every JPEG case runs with."""
-  root: str            # the image folder
-  images: int          # in its train split
-  classes: int
-  batch_size: int
-  timer: Timer
-  warmup: int
-  workers: int = 0     # torchvision DataLoader workers
-  num_local: int | None = None   # DINO's local crops (None: the recipe's)
 
 
 def crate_rate(case: str, setup: Setup) -> dict:
@@ -300,6 +234,9 @@ def parse_args(argv):
                       help="torchvision DataLoader workers (default: the cores)")
   parser.add_argument("--no-torchvision", dest="torchvision", action="store_false",
                       help="crate_jax only")
+  parser.add_argument("--torchvision-python", default=None, metavar="PY",
+                      help="run the torchvision side with this interpreter (a venv with torch, "
+                           "torchvision and Pillow) instead of in this process")
   parser.add_argument("--tiny", action="store_true",
                       help="a smoke run: 40 images, 10 classes, batch 8, 2 timed batches, "
                            "DINO with 2 local crops")
@@ -313,6 +250,21 @@ def parse_args(argv):
   args.classes = min(args.classes, args.num_images)
   args.cases = args.cases or list(JPEG_CASES)
   return args
+
+
+def torchvision_side(python: str | None):
+  """({"torch", "torchvision", "rate": torch_rate-like}, None) or (None, why): in this process,
+  or run by another interpreter."""
+  if python:
+    found, why = torchvision_pipeline.versions_in(python)
+    if found is None:
+      return None, why
+    return dict(found, rate=lambda *a: torchvision_pipeline.torch_rate_in(python, *a)), None
+  tv, why = torchvision_pipeline.import_torchvision()
+  if tv is None:
+    return None, why
+  return {"torch": tv[0].__version__, "torchvision": tv[1].__version__,
+          "rate": torchvision_pipeline.torch_rate}, None
 
 
 def main(argv=None) -> dict:
@@ -335,12 +287,13 @@ def main(argv=None) -> dict:
     out["set"] = dict(stats, root=root)
     print(jpeg_set.describe_set(root, stats), flush=True)
     if args.torchvision:
-      tv, why = torchvision_pipeline.import_torchvision()
+      tv, why = torchvision_side(args.torchvision_python)
       if tv is None:
         print(f"torchvision side skipped ({why}); {TORCHVISION_HINT}", flush=True)
       else:
-        machine["torch"], machine["torchvision"] = tv[0].__version__, tv[1].__version__
-        print(f"torchvision {tv[1].__version__} (torch {tv[0].__version__}), DataLoader with "
+        machine.update(torch=tv["torch"], torchvision=tv["torchvision"])
+        where = f" run by {args.torchvision_python}" if args.torchvision_python else ""
+        print(f"torchvision {tv['torchvision']} (torch {tv['torch']}){where}, DataLoader with "
               f"{workers} workers", flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or os.path.join(tmp, "tfds")
@@ -353,7 +306,7 @@ def main(argv=None) -> dict:
         if case == "dino_multicrop":
           row["num_local"] = setup.num_local or 10
         if tv is not None:
-          row["torchvision"] = torchvision_pipeline.torch_rate(
+          row["torchvision"] = tv["rate"](
               case, setup, crate_data_cfg(case, setup.root, setup.classes, setup.num_local))
           row["ratio"] = row["crate_jax"]["img_s"] / row["torchvision"]["img_s"]
       else:

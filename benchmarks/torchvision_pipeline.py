@@ -1,13 +1,30 @@
 """The torchvision side of the input benchmark (benchmarks/input_pipeline.py): the same recipes
 as a PyTorch user writes them (PIL decode through datasets.ImageFolder, transforms.v2, mixup /
 cutmix in the DataLoader's collate_fn, DataLoader workers), reading the same JPEG files.
+
+It runs in the benchmark's process when torchvision imports there, or in another interpreter
+(input_pipeline.py --torchvision-python PY), which needs torch, torchvision and Pillow only:
+
+  PY benchmarks/torchvision_pipeline.py --versions
+  PY benchmarks/torchvision_pipeline.py --spec '{"case": ..., "setup": ..., "cfg": ...}'
+
+prints one JSON line (the versions, or the Timer figures of the case).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gc
+import json
 import multiprocessing
 import os
+import subprocess
 import sys
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as a script
+
+from pipeline_timing import Setup, Timer  # noqa: E402
 
 def import_torchvision():
   """(torch, torchvision) or None with the reason, without failing the crate_jax side."""
@@ -147,3 +164,57 @@ def torch_rate(case: str, setup, cfg) -> dict:
 
 
 # ---------------------------------------------------------------------- synthetic cases
+
+
+# ------------------------------------------------------------------ in another interpreter
+def _namespace(value):
+  """A config.data dict (ConfigDict.to_dict()) read by attribute, as the recipes read it."""
+  if isinstance(value, dict):
+    return types.SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+  return value
+
+
+def _last_json(python: str, *args: str) -> dict:
+  here = os.path.abspath(__file__)
+  proc = subprocess.run([python, here, *args], capture_output=True, text=True, check=False)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode or not lines:
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"{python} {os.path.basename(here)} failed: {tail}")
+  return json.loads(lines[-1])
+
+
+def versions_in(python: str):
+  """({"torch", "torchvision"} of `python`, None) or (None, why)."""
+  try:
+    found = _last_json(python, "--versions")
+  except (OSError, RuntimeError) as e:
+    return None, str(e)
+  return (found, None) if "torch" in found else (None, found.get("error", "no torch"))
+
+
+def torch_rate_in(python: str, case: str, setup: Setup, cfg) -> dict:
+  """torch_rate run by `python` (an interpreter with torch + torchvision)."""
+  fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup) if f.name != "timer"}
+  spec = {"case": case, "setup": fields, "cfg": cfg.to_dict(),
+          "timer": {"batches": setup.timer.batches, "seconds": setup.timer.seconds}}
+  return _last_json(python, "--spec", json.dumps(spec))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--versions", action="store_true")
+  parser.add_argument("--spec", default=None, help="JSON: case, setup, timer, cfg")
+  args = parser.parse_args(argv)
+  tv, why = import_torchvision()
+  if args.versions or tv is None:
+    print(json.dumps({"torch": tv[0].__version__, "torchvision": tv[1].__version__} if tv
+                     else {"error": why}))
+    return
+  spec = json.loads(args.spec)
+  setup = Setup(**spec["setup"], timer=Timer(**spec["timer"]))
+  print(json.dumps(torch_rate(spec["case"], setup, _namespace(spec["cfg"]))))
+
+
+if __name__ == "__main__":
+  main()
