@@ -13,12 +13,11 @@ TORCH = ["torch==2.13.0"]
 # the compiler `python -m crate_jax.plan` uses to compile for a TPU slice on a CPU-only machine.
 # The TPU images (jax 0.11.x) already ship their jax[tpu]: do not add this extra there.
 TPU = ["jax[tpu]==0.10.2"]
-# benchmarks/input_pipeline.py: scikit-image ships the photographs its JPEG set is made from;
-# torchvision 0.28.0 is the release built against torch 2.13.0, for the comparison (imported only
-# there). Its CPU build: pip install -e ".[bench]" --extra-index-url
-# https://download.pytorch.org/whl/cpu (PyPI's 0.28.0 is the CUDA build, which fails to import
-# next to the CPU torch: "operator torchvision::nms does not exist").
-BENCH = ["scikit-image>=0.26", "torchvision==0.28.0"]
+# benchmarks/input_pipeline.py: scikit-image ships the photographs its JPEG set is made from. The
+# torchvision side runs in a venv of its own (--torchvision-python): no torchvision release imports
+# beside the CPU torch 2.13.0 here (PyPI's 0.28.0 is a CUDA build: "operator torchvision::nms does
+# not exist"), while torch 2.14.1 + torchvision 0.29.1 do, together (docs/benchmarks.md).
+BENCH = ["scikit-image>=0.26"]
 
 setup(
     name="crate_jax",
