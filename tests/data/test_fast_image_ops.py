@@ -96,3 +96,14 @@ def test_normalize_and_channel_mix_against_numpy():
   y = tf.constant(f, tf.float32)
   np.testing.assert_allclose(multicrop.solarize(y).numpy(), np.where(f >= 0.5, 1 - f, f),
                              atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(300, 411, 3), (411, 300, 3), (257, 256, 3), (180, 240, 3),
+                                   (256, 256, 3)])
+def test_resized_center_crop_is_the_crop_of_the_resize(shape):
+  """Eval geometry: only the kept window is resampled, the same pixels to float rounding."""
+  image = tf.constant(_image(shape, 4))
+  want = preprocess.center_crop(preprocess.resize_shorter(image, 256), 224).numpy()
+  got = preprocess.resized_center_crop(image, 256, 224).numpy()
+  assert got.shape == (224, 224, 3)
+  np.testing.assert_allclose(got, want, atol=0.02)
