@@ -224,6 +224,9 @@ def parse_args(argv):
   parser.add_argument("--seconds", type=float, default=None,
                       help="time each pipeline for this long instead of --batches")
   parser.add_argument("--warmup", type=int, default=5, help="untimed batches after the first")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="time each side this many times, alternating, and report the run with "
+                           "the median img/s (a shared machine's load drifts)")
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--num-images", type=int, default=2000, help="JPEGs in the set")
   parser.add_argument("--classes", type=int, default=1000,
@@ -250,6 +253,13 @@ def parse_args(argv):
   args.classes = min(args.classes, args.num_images)
   args.cases = args.cases or list(JPEG_CASES)
   return args
+
+
+def median_run(runs: list[dict]) -> dict:
+  """The run with the median img/s (the lower middle one of an even count), with every run's
+  img/s as "img_s_runs"."""
+  ranked = sorted(runs, key=lambda r: r["img_s"])
+  return dict(ranked[(len(ranked) - 1) // 2], img_s_runs=[r["img_s"] for r in runs])
 
 
 def torchvision_side(python: str | None):
@@ -302,12 +312,17 @@ def main(argv=None) -> dict:
       if case in JPEG_CASES:
         setup = Setup(root, args.num_images, args.classes, args.batch_size, timer, args.warmup,
                       workers, num_local=2 if args.tiny else None)
-        row["crate_jax"] = crate_rate(case, setup)
+        runs = {"crate_jax": [], "torchvision": []}
+        for _ in range(args.repeats):   # the two sides in turn, so drifting load hits both
+          runs["crate_jax"].append(crate_rate(case, setup))
+          if tv is not None:
+            runs["torchvision"].append(tv["rate"](
+                case, setup, crate_data_cfg(case, setup.root, setup.classes, setup.num_local)))
+        row["crate_jax"] = median_run(runs["crate_jax"])
         if case == "dino_multicrop":
           row["num_local"] = setup.num_local or 10
         if tv is not None:
-          row["torchvision"] = tv["rate"](
-              case, setup, crate_data_cfg(case, setup.root, setup.classes, setup.num_local))
+          row["torchvision"] = median_run(runs["torchvision"])
           row["ratio"] = row["crate_jax"]["img_s"] / row["torchvision"]["img_s"]
       else:
         rate, first = synthetic_rate(case, tmp, data_dir, args.batch_size, args.batches,

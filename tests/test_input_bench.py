@@ -38,3 +38,19 @@ def test_tiny_input_benchmark_crate_jax_side(tmp_path, capsys):
   root, again = bench.jpeg_set.jpeg_set(str(tmp_path), 40, 10)
   assert root == s["root"] and again["bytes"] == s["bytes"]
   assert os.path.getmtime(os.path.join(root, "set.json")) == mtime
+
+
+def test_median_run_and_the_torchvision_side_in_another_interpreter():
+  """--repeats keeps the median run; --torchvision-python with an interpreter that lacks
+  torchvision (or is not one) gives a reason to print, not a traceback."""
+  bench = _bench()
+  runs = [{"img_s": 3.0, "n": 0}, {"img_s": 1.0, "n": 1}, {"img_s": 2.0, "n": 2}]
+  assert bench.median_run(runs) == {"img_s": 2.0, "n": 2, "img_s_runs": [3.0, 1.0, 2.0]}
+  assert bench.median_run(runs[:2])["img_s"] == 1.0
+  try:
+    import torchvision  # noqa: F401
+  except Exception:   # noqa: BLE001 - not importable here: the case to test
+    found, why = bench.torchvision_side(sys.executable)
+    assert found is None and why
+  found, why = bench.torchvision_side(os.path.join(ROOT, "no-such-python"))
+  assert found is None and "no-such-python" in why
