@@ -30,9 +30,10 @@ SLICES = (("v4-8", "v4", 4, "TPU v4"), ("v5e-8", "v5e", 8, "TPU v5 lite"),
           ("v5p-8", "v5p", 4, "TPU v5p"), ("v6e-8", "v6e", 8, "TPU v6 lite"))
 
 
-def needed_per_vcpu(model_name: str, generation: str, chips: int, kind: str, mfu: float) -> float:
-  """Images/s one host vCPU must supply for the chips to run at `mfu`."""
-  per_image = flops.train_flops_per_example(models.get(model_name, num_classes=1000))
+def needed_per_vcpu(per_image: float, generation: str, chips: int, kind: str,
+                    mfu: float) -> float:
+  """Images/s one host vCPU must supply for the chips to run at `mfu`, each chip training on
+  images of `per_image` train FLOPs."""
   f = input_figures(per_image, chips, 1, chips, flops.peak_flops_of_kind(kind), mfu,
                     tpu_topology.host_vcpus(generation, chips))
   return f["images_per_s_per_vcpu"]
@@ -45,7 +46,7 @@ def table(rates: dict[str, float], mfu: float) -> str:
     per_image = flops.train_flops_per_example(models.get(name, num_classes=1000))
     cells = [name, f"{per_image / 1e9:.1f}"]
     for _, gen, chips, kind in SLICES:
-      need = needed_per_vcpu(name, gen, chips, kind, mfu)
+      need = needed_per_vcpu(per_image, gen, chips, kind, mfu)
       short = [r for r, v in rates.items() if v < need]
       verdict = "" if not rates else (" ok" if not short else " short: " + ", ".join(short))
       cells.append(f"{need:,.0f}{verdict}")

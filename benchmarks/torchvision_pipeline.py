@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # run as a scri
 
 from pipeline_timing import Setup, Timer  # noqa: E402
 
+
 def import_torchvision():
   """(torch, torchvision) or None with the reason, without failing the crate_jax side."""
   try:
@@ -162,8 +163,6 @@ def torch_rate(case: str, setup, cfg) -> dict:
     its.clear()
     gc.collect()
 
-
-# ---------------------------------------------------------------------- synthetic cases
 
 
 # ------------------------------------------------------------------ in another interpreter

@@ -172,29 +172,32 @@ def resized_center_crop(image: tf.Tensor, shorter: int, size: int,
   size x size window shifted by the crop's offset gives the same pixels (the resize of a
   landscape ImageNet photo to 256 x 292 makes 1.5x the pixels the crop keeps)."""
   image = tf.convert_to_tensor(image)
+  whole = lambda: center_crop(resize_shorter(image, shorter, antialias), size)
+  if not antialias:
+    return whole()
   hw = tf.shape(image)[:2]
   out_hw = shorter_side_size(image, shorter)
-  if not antialias:
-    return center_crop(resize_shorter(image, shorter, antialias), size)
 
   def window():
-    offset = tf.cast(tf.round(tf.cast(out_hw - size, tf.float32) / 2), tf.float32)
     scale = tf.cast(out_hw, tf.float32) / tf.cast(hw, tf.float32)
+    offset = tf.cast(center_offsets(out_hw, size), tf.float32)
     out = tf.raw_ops.ScaleAndTranslate(
         images=tf.cast(image, tf.float32)[None], size=tf.constant([size, size]), scale=scale,
         translation=-offset, kernel_type="triangle", antialias=True)[0]
     return tf.clip_by_value(out, 0.0, 255.0)
 
-  shrinks = tf.reduce_any(hw > out_hw)
-  return tf.cond(shrinks, window,
-                 lambda: center_crop(resize_shorter(image, shorter, antialias), size))
+  return tf.cond(tf.reduce_any(hw > out_hw), window, whole)
+
+
+def center_offsets(hw: tf.Tensor, size: int) -> tf.Tensor:
+  """(top, left) int32 of a centred size x size window in an (h, w) image (torchvision's
+  rounding)."""
+  return tf.cast(tf.round(tf.cast(hw - size, tf.float32) / 2), tf.int32)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   """Centre size x size crop (torchvision rounding of the offsets)."""
-  hw = tf.shape(image)[:2]
-  top = tf.cast(tf.round(tf.cast(hw[0] - size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(hw[1] - size, tf.float32) / 2), tf.int32)
+  top, left = tf.unstack(center_offsets(tf.shape(image)[:2], size))
   return image[top:top + size, left:left + size]
 
 
