@@ -247,6 +247,8 @@ def parse_args(argv):
   parser.add_argument("--data-dir", default=None,
                       help="tfds dir for embedded_mnist (default: a fresh temporary dir)")
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats {args.repeats} must be >= 1")
   if args.tiny:
     args.num_images, args.classes, args.batch_size = 40, 10, 8
     args.batches, args.warmup, args.seconds = 2, 1, None

@@ -69,10 +69,16 @@ def main(argv=None) -> str:
   parser.add_argument("--rate", action="append", default=[], metavar="RECIPE=IMG_S",
                       help="a per-core rate by hand (repeatable)")
   args = parser.parse_args(argv)
-  rates = rates_from(args.rates) if args.rates else {}
+  try:
+    rates = rates_from(args.rates) if args.rates else {}
+  except (OSError, ValueError, KeyError) as e:
+    parser.error(f"--rates {args.rates}: not an input_pipeline.py --out file ({e})")
   for item in args.rate:
     recipe, _, value = item.partition("=")
-    rates[recipe] = float(value)
+    try:
+      rates[recipe] = float(value)
+    except ValueError:
+      parser.error(f"--rate {item!r}: give RECIPE=IMG_S, e.g. plain=300")
   note = ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
   out = (f"img/s per host vCPU needed at {100 * args.mfu:.0f}% MFU (one-host slices)"
          + (f"; measured per core: {note}" if note else "") + "\n" + table(rates, args.mfu))
