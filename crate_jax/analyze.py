@@ -73,19 +73,11 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
   abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
                             jnp.zeros((1, size, size, 3)))
   params, meta, weights = checkpoint_params(config, model, abstract, checkpoint)
-  logits, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, normalised)
-  stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
-  grid = models.token_grid(model, size, size)
-  prefix = models.prefix_tokens(model)
-  if "attention" in out:
-    maps, kind = whitebox.cls_attention_maps(out["attention"][layer], grid), "attention"
-  else:   # ToST: each head's memberships Pi[:, k]
-    maps, kind = whitebox.membership_maps(out["memberships"][layer], grid, prefix), "memberships"
-  maps = whitebox.upsample_maps(maps, (size, size))
-  vis = whitebox.pca_visualisation(out["features"][layer], grid, prefix=prefix)
-  vis = {k: np.asarray(jax.image.resize(v.astype(jnp.float32), (v.shape[0], size, size,
-                                                                 *v.shape[3:]), "nearest"))
-         for k, v in vis.items()}
+  measured = jax.device_get(jax.jit(functools.partial(_image_arrays, model, layer=layer))(
+      params, normalised))
+  logits, stats, vis = measured["logits"], measured["stats"], measured["pca"]
+  kind = "attention" if "attention" in measured else "memberships"
+  maps = measured[kind]
   from crate_jax.whitebox import figures
   os.makedirs(out_dir, exist_ok=True)
   title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))}, "
@@ -98,14 +90,32 @@ def analyze(config, checkpoint: str, out_dir: str, *, images: str | np.ndarray |
       "pca": figures.pca_figure(shown, vis, os.path.join(out_dir, f"pca_layer{layer:02d}.png"),
                                 layer=layer, names=names),
   }
-  fresh = models.init_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  fresh = models.initial_params(model, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   report = {"image_size": size, "training_image_size": training_image_size(config),
             "num_images": len(shown), "images": names, "layer": layer,
             **({} if logits is None else {
-                "predictions": np.asarray(jnp.argmax(logits, -1)).tolist(),
+                "predictions": np.argmax(logits, -1).tolist(),
                 **_predicted_names(checkpoint, logits)})}
   return _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
                        paths, report, title)
+
+
+def _image_arrays(model, params, x, *, layer: int) -> dict:
+  """What analyze draws from one forward pass over images x, as one program (jit this): the
+  logits, the layer-wise statistics, the class token's attention (ToST: the memberships) of
+  `layer` and its PCA visualisation, both upsampled to the images' size."""
+  size = x.shape[1:3]
+  logits, out = whitebox.intermediates(model, params, x)
+  grid, prefix = models.token_grid(model, *size), models.prefix_tokens(model)
+  if "attention" in out:
+    maps, kind = whitebox.cls_attention_maps(out["attention"][layer], grid), "attention"
+  else:   # ToST: each head's memberships Pi[:, k]
+    maps, kind = whitebox.membership_maps(out["memberships"][layer], grid, prefix), "memberships"
+  vis = whitebox.pca_visualisation(out["features"][layer], grid, prefix=prefix)
+  vis = {k: jax.image.resize(v.astype(jnp.float32), (v.shape[0], *size, *v.shape[3:]),
+                             "nearest") for k, v in vis.items()}
+  stats = whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1))
+  return {"logits": logits, "stats": stats, kind: whitebox.upsample_maps(maps, size), "pca": vis}
 
 
 def _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
@@ -163,14 +173,14 @@ def analyze_text(config, checkpoint: str, out_dir: str, *, split: str | None = N
   abstract = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0),
                             example)
   params, meta, weights = checkpoint_params(config, model, abstract, checkpoint)
-  _, out = jax.jit(lambda p, x: whitebox.intermediates(model, p, x))(params, tokens)
-  stats = jax.device_get(whitebox.layerwise_stats(out, lambd=getattr(model, "lambd", 0.1)))
+  stats = jax.device_get(jax.jit(lambda p, x: whitebox.layerwise_stats(
+      whitebox.intermediates(model, p, x)[1], lambd=getattr(model, "lambd", 0.1)))(params, tokens))
   os.makedirs(out_dir, exist_ok=True)
   title = (f"{config.model.name}, {os.path.basename(os.path.normpath(checkpoint))}, "
            f"{len(tokens)} sequences of {tokens.shape[1]} tokens")
   paths = {"curves": figures.curves_figure(stats, os.path.join(out_dir, "layerwise.png"),
                                            title=title)}
-  fresh = models.init_params(model, jax.random.key(0), example)
+  fresh = models.initial_params(model, jax.random.key(0), example)
   report = {"split": split, "num_sequences": len(tokens), "seq_len": int(tokens.shape[1])}
   return _write_tables(config, checkpoint, out_dir, model, params, fresh, stats, meta, weights,
                        paths, report, title)
@@ -182,7 +192,7 @@ def _predicted_names(checkpoint, logits) -> dict:
   saved = datasets.saved_class_names(str(checkpoint))
   if saved is None:
     return {}
-  return {"predicted_classes": [saved[i] for i in np.asarray(jnp.argmax(logits, -1)).tolist()]}
+  return {"predicted_classes": [saved[i] for i in np.argmax(logits, -1).tolist()]}
 
 
 FORMULAS = {

@@ -116,7 +116,7 @@ def segment_analysis(config, checkpoint: str, out_dir: str, *, split: str | None
                             jnp.zeros((1, size, size, 3)))
   params, meta, weights = analysis.checkpoint_params(config, model, abstract,
                                                         checkpoint)
-  random = models.init_params(model, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  random = models.initial_params(model, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
   kw = dict(methods=methods, share=share, tau=tau, num_objects=num_objects, upsampling=upsampling)
   fn = jax.jit(lambda p, x, g: segscore.segmentation_ious(model, p, x, g, **kw))
   trained = per_image_ious(fn, params, images, gt)

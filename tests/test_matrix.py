@@ -240,7 +240,7 @@ def _check_tost_export(ctx, sd):
       want = ref.eval().logits(torch.from_numpy(x)).numpy()
   else:
     return
-  got = np.asarray(model.apply(models.variables(params), x))
+  got = np.asarray(jax.jit(lambda p, x: model.apply(models.variables(p), x))(params, x))
   np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 
@@ -258,7 +258,7 @@ def _check_stablehlo(ctx, out: str):
   x = (np.random.default_rng(0).integers(0, 100, (3, *example.shape[1:])).astype(np.int32)
        if example.dtype == jnp.int32 else
        np.random.default_rng(0).normal(size=(3, *example.shape[1:])).astype(np.float32))
-  want = model.apply(models.variables(params), x)
+  want = jax.jit(lambda p, x: model.apply(models.variables(p), x))(params, x)
   np.testing.assert_allclose(np.asarray(forward.call(x)), np.asarray(want), atol=1e-5)
   del ckpt_lib, models
   return tuple(example.shape[1:])

@@ -16,6 +16,7 @@ from crate_jax.models.crate_lm import BERT_SIZES, GPT_SIZES, TOST_GPT_SIZES, Tex
 from crate_jax.models.tost import TOST_SIZES, ToST, tost_kwargs
 from crate_jax.models.family import (Contract, adapt_params, contract, forward_flops,
                                      has_class_token, head_params, init_params,
+                                     initial_params,
                                      layer_ids, apply_train, variables, with_state,
                                      prefix_tokens, token_grid,
                                      layer_outputs, scan_layout)
@@ -65,7 +66,8 @@ __all__ = ["Contract", "contract", "causal_tssa", "tssa", "apply_train", "variab
            "with_state", "prefix_tokens", "token_grid",
            "TextModel", "CRATE", "CRATELayer", "ISTA", "MSSA", "PatchEmbed",
            "adapt_params", "forward_flops",
-           "from_config", "get", "has_class_token", "head_params", "init_params", "ista",
+           "from_config", "get", "has_class_token", "head_params", "init_params",
+           "initial_params", "ista",
            "layer_ids", "layer_outputs", "mssa", "scan_layout",
            "names", "register",
            "resize_params_pos_embedding", "resize_pos_embedding", "variant_kwargs", "CRATEAlpha",

@@ -8,6 +8,7 @@
   has_class_token(model)                    whether a class token's attention can be read
   prefix_tokens(model), token_grid(model, h, w)   the layers' tokens: class tokens, patch grid
   init_params(model, key, example)          params at init (every rng stream seeded)
+  initial_params(model, key, example)       the same, compiled as one program (outside jit)
   variables(params) / apply_train(...)      a params tree as Flax variables; a train-mode
                                             forward that also returns the updated model state
   contract(model)                           what the family reads and which white-box
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -105,6 +107,12 @@ def init_params(model, key, example):
   ("mask": CRATE-MAE's masking) seeded from `key`, with the family's STATE inside. Jittable,
   and fine under jax.eval_shape."""
   return params_of(model.init({"params": key, "mask": key, "dropout": key}, example))
+
+
+def initial_params(model, key, example):
+  """init_params compiled as one program, for callers outside jit: run eagerly, model.init
+  compiles each of its few hundred ops on its own (seconds on a CPU, more on a TPU host)."""
+  return jax.jit(functools.partial(init_params, model))(key, example)
 
 
 def head_params(model) -> tuple[str, ...]:
