@@ -1,4 +1,5 @@
 """Shared test helpers: repository paths, the tiny train config, reading a run's outputs."""
+import contextlib
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +53,19 @@ def latest_state(workdir):
   from crate_jax.training import checkpoint as ckpt_lib
   with ckpt_lib.open_checkpoint(workdir) as (reader, step):
     return reader.restore_host(step)[0]
+
+
+@contextlib.contextmanager
+def programs_lowered():
+  """Yields a list that counts the programs jax lowers inside the block: each jitted function
+  traced afresh and each eager op (one program per primitive and shape) - the compiles a cold
+  process pays for, whether or not the persistent cache then serves them."""
+  import jax
+  seen = []
+  listener = lambda name, _secs, **_: seen.append(name) if name.endswith(
+      "jaxpr_to_mlir_module_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -248,7 +248,6 @@ def _check_stablehlo(ctx, out: str):
   """The exported forward pass equals the model's own on the weights the run stands for."""
   from crate_jax import models
   from crate_jax.interop import exporters
-  from crate_jax.training import checkpoint as ckpt_lib
   ctx.trained()
   exporters.export_stablehlo(ctx.workdir, out)
   with open(os.path.join(out, exporters.STABLEHLO_FILE), "rb") as f:
@@ -260,7 +259,6 @@ def _check_stablehlo(ctx, out: str):
        np.random.default_rng(0).normal(size=(3, *example.shape[1:])).astype(np.float32))
   want = jax.jit(lambda p, x: model.apply(models.variables(p), x))(params, x)
   np.testing.assert_allclose(np.asarray(forward.call(x)), np.asarray(want), atol=1e-5)
-  del ckpt_lib, models
   return tuple(example.shape[1:])
 
 

@@ -18,7 +18,7 @@ from crate_jax.training import checkpoint as ckpt_lib
 from crate_jax import config_lib, models, whitebox
 from crate_jax.whitebox import figures
 
-from tests.helpers import EMBEDDED
+from tests.helpers import EMBEDDED, programs_lowered
 ARCH = dict(image_size=28, patch_size=4, num_classes=10, dim=64, depth=4, heads=4, dim_head=16)
 MEAN, STD = 0.1307, 0.3081
 
@@ -251,8 +251,11 @@ def png_size(path):
 def test_analyze_writes_figures_and_tables(analysis_inputs, image_size):
   a = analysis_inputs
   out = a["base"] / f"out_{image_size}"
-  result = analyze_lib.analyze(a["config"], a["ckpt"], str(out), images=a["folder"],
-                               num_images=4, layer=-1, image_size=image_size)
+  with programs_lowered() as lowered:
+    result = analyze_lib.analyze(a["config"], a["ckpt"], str(out), images=a["folder"],
+                                 num_images=4, layer=-1, image_size=image_size)
+  # A few compiled programs, not model.init or the statistics op by op (a few hundred).
+  assert len(lowered) <= 12, len(lowered)
   paths, depth, heads, panel = result["paths"], ARCH["depth"], ARCH["heads"], figures.PANEL_PX
   assert png_size(paths["attention"]) == ((heads + 1) * panel, 4 * panel)
   assert png_size(paths["pca"]) == (4 * panel, 4 * panel)
