@@ -164,7 +164,6 @@ def torch_rate(case: str, setup, cfg) -> dict:
     gc.collect()
 
 
-
 # ------------------------------------------------------------------ in another interpreter
 def _namespace(value):
   """A config.data dict (ConfigDict.to_dict()) read by attribute, as the recipes read it."""

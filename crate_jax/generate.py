@@ -47,9 +47,11 @@ def decoding_model(model):
 
 def init_cache(model, batch: int, length: int):
   """A zero cache for `length` positions (model built with decode=True): the cache variables'
-  shapes from an abstract init (nothing computed or compiled), filled with zeros."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((batch, length), jnp.int32))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+  shapes from an abstract init (its key and input abstract too: nothing computed or compiled),
+  filled with zeros."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32))["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def cached_step(model, params, cache, tokens):
