@@ -16,11 +16,12 @@ config.data.name=image_folder), from the JPEG bytes to the host batch handed to 
   eval            resize the shorter side to 256 + centre crop 224 (passes over the train split)
 and the same transforms as a PyTorch user would write them with torchvision (PIL decode through
 datasets.ImageFolder, transforms.v2, mixup/cutmix in the DataLoader's collate_fn, DataLoader with
-num_workers = cores), reading the same files and giving batches of the same shapes (NCHW there,
-NHWC here). Both sides use bilinear resizing with antialiasing (DINO's own code: bicubic crops).
-crate_jax reads the JPEG bytes from the tfds copy the image folder is prepared into once (the
-bytes as they are, in TFRecord files); torchvision opens the files. Warm-up batches (and the
-preparation, tracing and worker start-up before them) are not timed.
+num_workers = crate_jax's threads, 2 x cores by default), reading the same files and giving batches
+of the same shapes (NCHW there, NHWC here). Both sides use bilinear resizing with antialiasing
+(DINO's own code: bicubic crops). crate_jax reads the JPEG bytes from the tfds copy the image
+folder is prepared into once (the bytes as they are, in TFRecord files); torchvision opens the
+files. Warm-up batches (and the preparation, tracing and worker start-up before them) are not
+timed.
 
 The JPEG set: benchmarks/jpeg_set.py (--num-images, default 2,000, written once under
 --cache-dir, default workdirs/bench_jpegs, and reused).
@@ -55,6 +56,7 @@ import torchvision_pipeline  # noqa: E402
 from pipeline_timing import Setup, Timer, cpu_model  # noqa: E402
 from crate_jax import config_lib  # noqa: E402
 from crate_jax import data  # noqa: E402
+from crate_jax.data import pipeline  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JPEG_CASES = ("plain", "randaug_mix", "dino_multicrop", "eval")
@@ -71,12 +73,14 @@ TORCHVISION_HINT = ("torchvision must import beside the installed torch, here or
 
 # ------------------------------------------------------------------------------- machine
 # ------------------------------------------------------------------------------ crate_jax
-def crate_data_cfg(case: str, root: str, classes: int, num_local: int | None = None):
+def crate_data_cfg(case: str, root: str, classes: int, num_local: int | None = None,
+                   threads: int = 0):
   """config.data of the recipe, pointed at the image folder (num_local: DINO's local crops, when
-  not the recipe's 10)."""
+  not the recipe's 10; threads: config.data.threads)."""
   config = config_lib.dino_config() if case == "dino_multicrop" else config_lib.base_config()
   cfg = config.data
   cfg.name, cfg.data_dir, cfg.num_classes = "image_folder", root, classes
+  cfg.threads = threads
   cfg.train_split, cfg.eval_split = "train", "val"
   if case == "dino_multicrop" and num_local is not None:
     cfg.multicrop.num_local = num_local
@@ -99,7 +103,7 @@ def _check_shapes(case: str, batch: dict, b: int, cfg) -> None:
 
 def crate_rate(case: str, setup: Setup) -> dict:
   """crate_jax figures (Timer.run) of one JPEG case."""
-  cfg = crate_data_cfg(case, setup.root, setup.classes, setup.num_local)
+  cfg = crate_data_cfg(case, setup.root, setup.classes, setup.num_local, setup.threads)
   batch_size, its = setup.batch_size, []
   per_epoch = max(1, setup.images // batch_size)   # train batches per epoch (drop_remainder)
   count = [0]   # batches of the current iterator
@@ -233,8 +237,12 @@ def parse_args(argv):
                       help="class folders (default ImageNet's 1000; at most --num-images)")
   parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                       help="where the JPEG set is written once and reused")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="crate_jax's config.data.threads (tf.data's private pool; default 0: "
+                           "2 x the cores)")
   parser.add_argument("--workers", type=int, default=None,
-                      help="torchvision DataLoader workers (default: the cores)")
+                      help="torchvision DataLoader workers (default: as many as crate_jax's "
+                           "threads, so both sides run the same number of workers)")
   parser.add_argument("--no-torchvision", dest="torchvision", action="store_false",
                       help="crate_jax only")
   parser.add_argument("--torchvision-python", default=None, metavar="PY",
@@ -283,14 +291,16 @@ def main(argv=None) -> dict:
   """Run the cases; returns {"machine", "set", "rows"} (also printed, and written to --out)."""
   args = parse_args(argv)
   cores = jpeg_set.cores()
-  workers = cores if args.workers is None else args.workers
+  threads = pipeline.pool_size(args.threads)
+  workers = (threads if threads > 0 else cores) if args.workers is None else args.workers
   timer = Timer(args.batches, args.seconds)
   what = f"{args.seconds:g} s" if args.seconds else f"{args.batches} batches"
   machine = {"cpu": cpu_model(), "cores": cores, "batch_size": args.batch_size,
              "timed": what, "warmup_batches": args.warmup}
+  machine["crate_jax_threads"] = threads if threads > 0 else "TF's shared pool"
   print(f"cpu: {machine['cpu']}, {cores} cores (logical CPUs this process may use); batch "
-        f"{args.batch_size}; timed {what} per pipeline after {args.warmup} warm-up batches",
-        flush=True)
+        f"{args.batch_size}; timed {what} per pipeline after {args.warmup} warm-up batches; "
+        f"crate_jax threads: {machine['crate_jax_threads']}", flush=True)
   out = {"machine": machine, "set": None, "rows": []}
   jpeg = [c for c in args.cases if c in JPEG_CASES]
   tv = None
@@ -313,7 +323,7 @@ def main(argv=None) -> dict:
       row = {"case": case, "torchvision": None}
       if case in JPEG_CASES:
         setup = Setup(root, args.num_images, args.classes, args.batch_size, timer, args.warmup,
-                      workers, num_local=2 if args.tiny else None)
+                      workers, num_local=2 if args.tiny else None, threads=args.threads)
         runs = {"crate_jax": [], "torchvision": []}
         for _ in range(args.repeats):   # the two sides in turn, so drifting load hits both
           runs["crate_jax"].append(crate_rate(case, setup))

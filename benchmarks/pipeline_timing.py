@@ -72,3 +72,4 @@ class Setup:
   warmup: int
   workers: int = 0     # torchvision DataLoader workers
   num_local: int | None = None   # DINO's local crops (None: the recipe's)
+  threads: int = 0     # crate_jax's config.data.threads

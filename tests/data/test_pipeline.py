@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from crate_jax import config_lib
 from crate_jax import data
-from crate_jax.data import datasets, embedded, mix, preprocess, randaugment
+from crate_jax.data import datasets, embedded, mix, pipeline, preprocess, randaugment
 from crate_jax.training.tasks import classification
 
 from tests.helpers import ROOT
@@ -445,3 +445,15 @@ def test_batch_size_and_name_errors(emb_dir):
     data.num_examples(emb_cfg(emb_dir), "validation")
   with pytest.raises(ValueError, match="train_augment"):
     data.train_iterator(emb_cfg(emb_dir, train_augment="crop"), global_batch_size=8, seed=0)
+
+
+def test_thread_pool_default_is_twice_the_cpus():
+  """config.data.threads: 0 sizes tf.data's private pool at 2 x the CPUs this process may use,
+  n > 0 at n, < 0 leaves TF's shared pool."""
+  cfg = config_lib.base_config().data
+  assert cfg.threads == 0
+  assert pipeline._options(cfg).threading.private_threadpool_size == 2 * pipeline.host_cpus()
+  cfg.threads = 3
+  assert pipeline._options(cfg).threading.private_threadpool_size == 3
+  cfg.threads = -1
+  assert pipeline._options(cfg).threading.private_threadpool_size is None
