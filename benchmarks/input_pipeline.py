@@ -290,7 +290,7 @@ def torchvision_side(python: str | None):
 def main(argv=None) -> dict:
   """Run the cases; returns {"machine", "set", "rows"} (also printed, and written to --out)."""
   args = parse_args(argv)
-  cores = jpeg_set.cores()
+  cores = pipeline.host_cpus()
   threads = pipeline.pool_size(args.threads)
   workers = (threads if threads > 0 else cores) if args.workers is None else args.workers
   timer = Timer(args.batches, args.seconds)

@@ -28,10 +28,7 @@ import shutil
 import tempfile
 import time
 
-
-def cores() -> int:
-  """The logical CPUs this process may use."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from crate_jax.data.pipeline import host_cpus
 
 
 # ImageNet ILSVRC-2012 train, approximately (for the printed comparison).
@@ -155,7 +152,7 @@ def jpeg_set(cache_dir: str, num_images: int, classes: int, seed: int = 0,
   jobs = [(os.path.join(tmp, "train", names[i % classes], f"img_{i:07d}.jpg"), seed, i)
           for i in range(num_images)]
   start = time.perf_counter()
-  workers = workers or cores()
+  workers = workers or host_cpus()
   _sources()   # loaded once, inherited by the forked workers
   try:
     if workers > 1 and num_images >= 64:
