@@ -63,6 +63,7 @@ def base_config(model: str = "crate_base") -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 50_000
   c.data.cache = False            # cache decoded examples in RAM: small datasets only
   c.data.threads = 0              # tf.data private pool: 0 = 2 x the CPUs, < 0 = TF's shared
+                                  # (image pipelines; text batches are numpy slices, no pool)
   c.data.prefetch = 2             # batches prefetched to device
   # Text datasets (tasks lm / mlm; crate_jax.data.text): packed sequences of seq_len tokens.
   c.data.seq_len = 128
