@@ -6,7 +6,8 @@
   else is a bug and keeps its traceback.
 - `--debug` (or CRATE_JAX_DEBUG=1) shows full tracebacks and every library's log lines instead.
 - The console: INFO lines of crate_jax itself on stdout, plain; warnings of any library on stderr
-  as `warning: ...`; TensorFlow's C++ start-up lines and other libraries' INFO chatter dropped.
+  as `warning: ...`; TensorFlow's C++ start-up lines and other libraries' INFO chatter dropped,
+  and so are the "Event loop is closed" tracebacks a failed asynchronous save leaves behind.
 
   command          decorator for every entry point's main(argv=None): errors -> one line,
                    returns 2; the console quiet unless --debug
@@ -107,6 +108,7 @@ def command(fn):
       logging.basicConfig(level=logging.INFO)
     else:
       quiet_console()
+      drop_closed_loop_reports()
     try:
       return fn(argv)
     except BaseException as e:  # noqa: BLE001 - sorted into reports and re-raises
@@ -271,6 +273,30 @@ def quiet_console() -> None:
   logging.getLogger("absl").setLevel(logging.NOTSET)
 
 
+def drop_closed_loop_reports() -> None:
+  """sys.unraisablehook without the "Event loop is closed" reports (bare tracebacks on stderr).
+
+  When an asynchronous checkpoint save fails (a full disk), the event loop behind it is closed
+  while write callbacks still arrive from the storage layer's threads; each fails to post to the
+  closed loop and Python prints its bare traceback, several interleaved, before the run's own
+  `error:` line, which already says what failed and which checkpoints are intact. Every other
+  unraisable exception still reaches the hook in place before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(report):
+    exc = report.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      logging.debug("dropped after a failed asynchronous write: %s", exc)
+      return
+    previous(report)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
 class _ConsoleHandler(logging.Handler):
   """crate_jax INFO -> stdout as the bare message; WARNING+ -> stderr as 'warning: ...'."""
 
@@ -299,6 +325,9 @@ NOISE = (
     # Orbax on every read-only open of a checkpoint (evaluate, analyze, warm starts).
     ("orbax", re.compile(r"read_only=True, setting save_interval_steps=0|"
                          r"Given directory is read only")),
+    # A failed asynchronous save's unread futures, collected as the process stops after the
+    # run's own error line has named the failure (see drop_closed_loop_reports).
+    ("asyncio", re.compile(r"^Future exception was never retrieved")),
 )
 
 

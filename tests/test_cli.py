@@ -174,6 +174,31 @@ def test_bugs_keep_their_traceback():
   assert cli.is_user_error(FileNotFoundError("anywhere"))
 
 
+def test_a_failed_saves_leftovers_stay_off_the_console():
+  """The late reports of a failed asynchronous save (tests/training/test_faults.py fills a disk)
+  are dropped; other unraisable exceptions and asyncio errors are not."""
+  import asyncio
+  import logging
+  leftover = logging.LogRecord("asyncio", logging.ERROR, asyncio.base_events.__file__, 1,
+                               "Future exception was never retrieved\nfuture: <Future>", (), None)
+  other = logging.LogRecord("asyncio", logging.ERROR, asyncio.base_events.__file__, 1,
+                            "Task was destroyed but it is pending!", (), None)
+  assert cli._is_noise(leftover) and not cli._is_noise(other)
+  seen, before = [], sys.unraisablehook
+  try:
+    sys.unraisablehook = seen.append
+    cli.drop_closed_loop_reports()
+    cli.drop_closed_loop_reports()  # once per process, however many commands run
+    report = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None,
+                                             err_msg=None, object=None)
+    sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+    kept = report(RuntimeError("something else"))
+    sys.unraisablehook(kept)
+    assert seen == [kept]
+  finally:
+    sys.unraisablehook = before
+
+
 def test_missing_config_keys_get_close_matches():
   config = {"batch_size": 1, "optimizer": {"lr": 1.0, "b1": 0.9}}
   assert cli.missing_key(config, "batch_size") is None

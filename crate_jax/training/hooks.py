@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +34,28 @@ class Preemption:
 
 
 def close_quietly(ckpts, writer, failing: bool):
-  """Finish pending saves; if the run is already failing, report (not raise) a second error."""
+  """Finish pending saves; if the run is already failing, report (not raise) a second error,
+  unless it is the same OS error again (a full disk fails the pending save too), which the
+  failure's own message already names."""
+  in_flight = sys.exc_info()[1]  # called from a `finally:`: the error stopping the run, if any
   for close in (ckpts.close, writer.flush):
     try:
       close()
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
       if not failing:
         raise
-      logging.exception("while stopping after an error")
+      if same_os_error(e, in_flight):
+        logging.debug("while stopping after an error, again: %s", e)
+      else:
+        logging.exception("while stopping after an error")
+
+
+def same_os_error(error: BaseException, failure: BaseException | None) -> bool:
+  """`error` has the OS error number of `failure` or of the error `failure` was raised from."""
+  errno = getattr(error, "errno", None)
+  if not isinstance(error, OSError) or errno is None or failure is None:
+    return False
+  return any(isinstance(f, OSError) and f.errno == errno for f in (failure, failure.__cause__))
 
 
 def whitebox_hook(config, p):

@@ -3,6 +3,7 @@ during eval, then resumed; corrupt latest checkpoints, a full disk and a foreign
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from crate_jax.training import checkpoint as ckpt_lib
-from crate_jax import train
+from crate_jax.training import hooks
+from crate_jax import cli, train
 from tests.helpers import ROOT, final_params, losses, tiny_config
 
 OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4, "eval_every_steps": 6,
@@ -109,7 +111,8 @@ def test_resume_after_interrupt_is_exact(tmp_path, data_dir, reference):
   assert_same_as_reference(str(tmp_path), reference)
 
 
-def test_full_disk_stops_clearly_and_keeps_earlier_checkpoints(tmp_path, data_dir):
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_full_disk_stops_clearly_and_keeps_earlier_checkpoints(tmp_path, data_dir, capsys):
   disk = tmp_path / "disk"
   disk.mkdir()
   if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)],
@@ -126,10 +129,19 @@ def test_full_disk_stops_clearly_and_keeps_earlier_checkpoints(tmp_path, data_di
         with open(disk / "filler", "wb") as f:
           f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - 4096, 0))
 
-    with pytest.raises(OSError, match=r"failed at step \d+ .*Earlier checkpoints are intact: "
-                                      r"steps \[4\]"):
-      train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(disk / "run"),
-                               callbacks=[fill_disk])
+    @cli.command  # what `python -m crate_jax.train` prints, with the disk filled at step 6
+    def run(argv):
+      return train.train_and_evaluate(tiny_config(data_dir, **OVERRIDES), str(disk / "run"),
+                                      callbacks=[fill_disk])
+
+    assert run([]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: writing to .* failed at step \d+ .*Earlier checkpoints are "
+                        r"intact: steps \[4\]", err.splitlines()[-1])
+    # Not the bare "Event loop is closed" tracebacks of the failed save's late callbacks.
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    # Nor the pending save failing again on the same full disk while the run stops.
+    assert "while stopping after an error" not in err
     params, meta = ckpt_lib.load_params(str(disk / "run"))
     assert meta["step"] == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   finally:
@@ -152,3 +164,38 @@ def test_foreign_workdir_is_refused_unless_warm_starting(tmp_path, data_dir):
     lion.init_from = str(tmp_path / "a")
   train.train_and_evaluate(lion, str(tmp_path / "b"))  # a warm start takes the params only
   assert ckpt_lib.Checkpoints(str(tmp_path / "b")).latest_step() == 4
+
+
+def test_closing_a_failing_run_reports_only_a_different_second_error(caplog):
+  class Pending:  # a checkpoint manager whose pending save fails when closed
+    def __init__(self, error):
+      self.error = error
+
+    def close(self):
+      raise self.error
+
+  class Writer:
+    def flush(self):
+      pass
+
+  full = OSError(28, "No space left on device")
+
+  def stop(pending, failing=True):
+    try:
+      raise ckpt_lib.CheckpointWriteError("writing failed; earlier checkpoints intact") from full
+    finally:
+      hooks.close_quietly(pending, Writer(), failing=failing)
+
+  for second, reported in ((OSError(28, "No space left on device"), False),
+                           (OSError(5, "Input/output error"), True),
+                           (ValueError("a bug in the close"), True)):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(ckpt_lib.CheckpointWriteError):
+      stop(Pending(second))
+    assert any("while stopping after an error" in r.getMessage() for r in caplog.records) \
+        == reported, second
+  with pytest.raises(ValueError):  # a run that was not failing: the close's error is raised
+    try:
+      pass
+    finally:
+      hooks.close_quietly(Pending(ValueError("x")), Writer(), failing=False)
