@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 
-from crate_jax.data.pipeline import host_cpus
+from crate_jax.data.device import host_cpus
 
 
 # ImageNet ILSVRC-2012 train, approximately (for the printed comparison).

@@ -4,12 +4,18 @@ No TensorFlow here, so the train loop can validate batch sizes without importing
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
+
+
+def host_cpus() -> int:
+  """The logical CPUs (vCPUs) this process may use."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def process_position(process_index=None, process_count=None) -> tuple[int, int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 from typing import Iterator
 
 import jax
@@ -30,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from crate_jax.data import (datasets, mix, multicrop, preprocess, randaugment, retry, text,
                             text_datasets)
-from crate_jax.data.device import check_batch_size, process_position as _process
+from crate_jax.data.device import check_batch_size, host_cpus, process_position as _process
 
 AUTOTUNE = tf.data.AUTOTUNE
 TRAIN_AUGMENTS = ("inception_crop", "resize")
@@ -69,11 +68,6 @@ def _resilient(cfg, open_at, start: int, split: str, pi: int, pc: int, position:
   return retry.resilient(open_at, start, retry.Source(what, position, files),
                          retries=int(cfg.read_retries),
                          backoff_s=float(cfg.retry_backoff_s))
-
-
-def host_cpus() -> int:
-  """The logical CPUs (vCPUs) this process may use."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pool_size(threads: int) -> int:
